@@ -1,0 +1,477 @@
+//! Value types for the command line: each one parses and validates a single option
+//! (`FromStr`), so clap rejects bad input with a precise message before anything runs.
+//! `gen-units` and `run` share these types, so both spell and validate options the same way.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A duration as written on the command line: `250ms`, `30s`, `2m`, `1h`, `1m30s`, `1.5s`.
+/// A bare number means seconds, as in systemd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dur(pub Duration);
+
+impl FromStr for Dur {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err("empty duration (examples: 500ms, 30s, 2m, 1m30s)".into());
+        }
+        if let Ok(secs) = s.parse::<f64>() {
+            return secs_to_dur(secs, s);
+        }
+        let mut total = Duration::ZERO;
+        let mut rest = s;
+        while !rest.is_empty() {
+            let num_end = rest
+                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .ok_or_else(|| format!("invalid duration {s:?}: missing unit after number"))?;
+            if num_end == 0 {
+                return Err(format!(
+                    "invalid duration {s:?}: expected a number (examples: 500ms, 30s, 2m)"
+                ));
+            }
+            let value: f64 = rest[..num_end].parse().map_err(|_| {
+                format!("invalid duration {s:?}: bad number {:?}", &rest[..num_end])
+            })?;
+            let after = &rest[num_end..];
+            let unit_end = after
+                .find(|c: char| c.is_ascii_digit() || c == '.')
+                .unwrap_or(after.len());
+            let scale = match after[..unit_end].trim() {
+                "us" | "usec" => 1e-6,
+                "ms" | "msec" => 1e-3,
+                "s" | "sec" | "second" | "seconds" => 1.0,
+                "m" | "min" | "minute" | "minutes" => 60.0,
+                "h" | "hr" | "hour" | "hours" => 3600.0,
+                "d" | "day" | "days" => 86400.0,
+                other => {
+                    return Err(format!(
+                        "invalid duration {s:?}: unknown unit {other:?} (use us, ms, s, m, h or d)"
+                    ));
+                }
+            };
+            total += secs_to_dur(value * scale, s)?.0;
+            rest = &after[unit_end..];
+        }
+        Ok(Dur(total))
+    }
+}
+
+fn secs_to_dur(secs: f64, orig: &str) -> Result<Dur, String> {
+    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
+        return Err(format!("invalid duration {orig:?}: out of range"));
+    }
+    Ok(Dur(Duration::from_secs_f64(secs)))
+}
+
+impl fmt::Display for Dur {
+    /// Renders in the most compact exact unit, in a form both clusterctl and systemd accept.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let us = self.0.as_micros();
+        if us == 0 {
+            f.write_str("0")
+        } else if us.is_multiple_of(3_600_000_000) {
+            write!(f, "{}h", us / 3_600_000_000)
+        } else if us.is_multiple_of(60_000_000) {
+            write!(f, "{}min", us / 60_000_000)
+        } else if us.is_multiple_of(1_000_000) {
+            write!(f, "{}s", us / 1_000_000)
+        } else if us.is_multiple_of(1000) {
+            write!(f, "{}ms", us / 1000)
+        } else {
+            write!(f, "{us}us")
+        }
+    }
+}
+
+/// Where a listening socket comes from when clusterctl binds it itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    /// `PORT` (all addresses, dual stack), `HOST:PORT`, `[V6]:PORT`.
+    Tcp(std::net::SocketAddr),
+    /// `unix:/path.sock`
+    Unix(PathBuf),
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Address::Tcp(a) => write!(f, "{a}"),
+            Address::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// `--listen [NAME=]ADDRESS`: `8080`, `127.0.0.1:8080`, `[::1]:8080`, `unix:/run/app.sock`,
+/// optionally named: `web=127.0.0.1:8080`. A bare port listens on all IPv4 and IPv6 addresses
+/// (`[::]:PORT`, dual stack), as systemd's `ListenStream=PORT` does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenSpec {
+    /// The name passed to workers in `LISTEN_FDNAMES`, if one was given.
+    pub name: Option<String>,
+    pub address: Address,
+    /// The text the user wrote after `NAME=`, kept for rendering `ListenStream=`.
+    pub raw: String,
+}
+
+impl ListenSpec {
+    /// The name workers see for this socket: the given name, or `default`.
+    pub fn name_or<'a>(&'a self, default: &'a str) -> &'a str {
+        self.name.as_deref().unwrap_or(default)
+    }
+
+    /// The `ListenStream=` value for a socket unit.
+    pub fn listen_stream(&self) -> String {
+        match &self.address {
+            Address::Unix(p) => p.display().to_string(),
+            Address::Tcp(_) => self.raw.clone(),
+        }
+    }
+}
+
+/// Validates an `LISTEN_FDNAMES` / `FileDescriptorName=` name: 1–255 printable ASCII
+/// characters, no colon (the separator), no whitespace.
+pub fn validate_fd_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 255 {
+        return Err(format!("socket name {name:?} must be 1 to 255 characters"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !c.is_ascii_graphic() || *c == ':' || *c == '%' || *c == '\\')
+    {
+        return Err(format!(
+            "socket name {name:?} contains {c:?}; use letters, digits, '-', '_' or '.'"
+        ));
+    }
+    Ok(())
+}
+
+impl FromStr for ListenSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (name, rest) = match s.split_once('=') {
+            Some((n, r)) => {
+                validate_fd_name(n)?;
+                (Some(n.to_string()), r)
+            }
+            None => (None, s),
+        };
+        let address = parse_address(rest)?;
+        Ok(ListenSpec {
+            name,
+            address,
+            raw: rest.to_string(),
+        })
+    }
+}
+
+fn parse_address(s: &str) -> Result<Address, String> {
+    const HINT: &str = "expected PORT, HOST:PORT, [IPV6]:PORT or unix:/PATH";
+    if let Some(path) = s.strip_prefix("unix:") {
+        if !path.starts_with('/') {
+            return Err(format!("unix socket path {path:?} must be absolute"));
+        }
+        if path.len() >= 108 {
+            return Err(format!(
+                "unix socket path {path:?} is too long (at most 107 bytes)"
+            ));
+        }
+        if path.chars().any(char::is_control) {
+            return Err(format!(
+                "unix socket path {path:?} contains a control character"
+            ));
+        }
+        return Ok(Address::Unix(PathBuf::from(path)));
+    }
+    if s.chars().all(|c| c.is_ascii_digit()) && !s.is_empty() {
+        let port: u16 = s
+            .parse()
+            .map_err(|_| format!("port {s:?} is out of range (1-65535)"))?;
+        if port == 0 {
+            return Err("port 0 is not allowed: choose a fixed port".into());
+        }
+        return Ok(Address::Tcp(std::net::SocketAddr::from((
+            std::net::Ipv6Addr::UNSPECIFIED,
+            port,
+        ))));
+    }
+    let addr: std::net::SocketAddr = s
+        .parse()
+        .map_err(|_| format!("invalid listen address {s:?}: {HINT}"))?;
+    if addr.port() == 0 {
+        return Err("port 0 is not allowed: choose a fixed port".into());
+    }
+    Ok(Address::Tcp(addr))
+}
+
+/// `--workers N|auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workers {
+    Auto,
+    Count(u32),
+}
+
+/// The most workers one supervisor will run.
+pub const MAX_WORKERS: u32 = 4096;
+
+impl FromStr for Workers {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "auto" {
+            return Ok(Workers::Auto);
+        }
+        match s.parse::<u32>() {
+            Ok(0) => Err("--workers must be at least 1 (or `auto` for one per CPU)".into()),
+            Ok(n) if n > MAX_WORKERS => {
+                Err(format!("--workers {n} is above the limit of {MAX_WORKERS}"))
+            }
+            Ok(n) => Ok(Workers::Count(n)),
+            Err(_) => Err(format!(
+                "invalid worker count {s:?}: expected a number or `auto`"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Workers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Workers::Auto => f.write_str("auto"),
+            Workers::Count(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl Workers {
+    /// The concrete count: `auto` is the number of CPUs this process may run on.
+    pub fn resolve(self) -> u32 {
+        match self {
+            Workers::Count(n) => n,
+            Workers::Auto => std::thread::available_parallelism().map_or(1, |n| {
+                u32::try_from(n.get())
+                    .unwrap_or(MAX_WORKERS)
+                    .min(MAX_WORKERS)
+            }),
+        }
+    }
+}
+
+/// `--ready notify|exec|after:DUR`: when a worker counts as ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadyMode {
+    /// The worker sends `READY=1` to `$NOTIFY_SOCKET`.
+    Notify,
+    /// Ready as soon as the command was executed.
+    Exec,
+    /// Ready once it has stayed alive this long.
+    After(Duration),
+}
+
+impl FromStr for ReadyMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "notify" => Ok(ReadyMode::Notify),
+            "exec" => Ok(ReadyMode::Exec),
+            _ => match s.strip_prefix("after:") {
+                Some(d) => Ok(ReadyMode::After(d.parse::<Dur>()?.0)),
+                None => Err(format!(
+                    "invalid readiness mode {s:?}: expected notify, exec or after:DURATION"
+                )),
+            },
+        }
+    }
+}
+
+impl fmt::Display for ReadyMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReadyMode::Notify => f.write_str("notify"),
+            ReadyMode::Exec => f.write_str("exec"),
+            ReadyMode::After(d) => write!(f, "after:{}", Dur(*d)),
+        }
+    }
+}
+
+/// `--restart-delay MIN..MAX`: exponential backoff bounds for refilling a crashed slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestartDelay {
+    pub min: Duration,
+    pub max: Duration,
+}
+
+impl Default for RestartDelay {
+    fn default() -> Self {
+        RestartDelay {
+            min: Duration::from_millis(100),
+            max: Duration::from_secs(30),
+        }
+    }
+}
+
+impl FromStr for RestartDelay {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (min, max) = if let Some((a, b)) = s.split_once("..") {
+            (a.parse::<Dur>()?.0, b.parse::<Dur>()?.0)
+        } else {
+            let d = s.parse::<Dur>()?.0;
+            (d, d)
+        };
+        if min > max {
+            return Err(format!(
+                "invalid restart delay {s:?}: MIN is larger than MAX"
+            ));
+        }
+        Ok(RestartDelay { min, max })
+    }
+}
+
+impl fmt::Display for RestartDelay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}..{}", Dur(self.min), Dur(self.max))
+    }
+}
+
+/// A signal given by name (`TERM`, `SIGTERM`, `sigquit`) or number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sig(pub nix::sys::signal::Signal);
+
+impl FromStr for Sig {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        use nix::sys::signal::Signal;
+        if let Ok(n) = s.parse::<i32>() {
+            return Signal::try_from(n)
+                .map(Sig)
+                .map_err(|_| format!("unknown signal number {n}"));
+        }
+        let upper = s.to_ascii_uppercase();
+        let name = if upper.starts_with("SIG") {
+            upper
+        } else {
+            format!("SIG{upper}")
+        };
+        name.parse::<Signal>()
+            .map(Sig)
+            .map_err(|_| format!("unknown signal {s:?} (examples: TERM, INT, QUIT, USR1)"))
+    }
+}
+
+impl fmt::Display for Sig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(s: &str) -> Duration {
+        s.parse::<Dur>().unwrap().0
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(d("30"), Duration::from_secs(30));
+        assert_eq!(d("1.5"), Duration::from_millis(1500));
+        assert_eq!(d("250ms"), Duration::from_millis(250));
+        assert_eq!(d("2m"), Duration::from_secs(120));
+        assert_eq!(d("1m30s"), Duration::from_secs(90));
+        assert_eq!(d("1h"), Duration::from_secs(3600));
+        assert_eq!(d("10us"), Duration::from_micros(10));
+        assert_eq!(d("0"), Duration::ZERO);
+        for bad in ["", "abc", "5x", "-1", "s", "1..2", "1e99"] {
+            assert!(bad.parse::<Dur>().is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn duration_display_round_trips() {
+        for s in ["0", "250ms", "30s", "2min", "1h", "90s", "10us", "1500ms"] {
+            let v: Dur = s.parse().unwrap();
+            assert_eq!(v.to_string().parse::<Dur>().unwrap(), v, "{s}");
+        }
+        assert_eq!(Dur(Duration::from_secs(90)).to_string(), "90s");
+        assert_eq!(Dur(Duration::from_secs(120)).to_string(), "2min");
+    }
+
+    #[test]
+    fn listen_specs() {
+        let s: ListenSpec = "8080".parse().unwrap();
+        assert_eq!(s.address, Address::Tcp("[::]:8080".parse().unwrap()));
+        assert_eq!(s.listen_stream(), "8080");
+        let s: ListenSpec = "web=127.0.0.1:8080".parse().unwrap();
+        assert_eq!(s.name.as_deref(), Some("web"));
+        assert_eq!(s.address, Address::Tcp("127.0.0.1:8080".parse().unwrap()));
+        let s: ListenSpec = "[::1]:9000".parse().unwrap();
+        assert_eq!(s.address, Address::Tcp("[::1]:9000".parse().unwrap()));
+        let s: ListenSpec = "api=unix:/run/app.sock".parse().unwrap();
+        assert_eq!(s.address, Address::Unix("/run/app.sock".into()));
+        assert_eq!(s.listen_stream(), "/run/app.sock");
+        for bad in [
+            "",
+            "0",
+            "70000",
+            "localhost:80",
+            "unix:rel.sock",
+            "a:b=80",
+            "=80",
+            "1.2.3.4",
+            "we b=80",
+            "x=127.0.0.1:0",
+        ] {
+            assert!(
+                bad.parse::<ListenSpec>().is_err(),
+                "{bad:?} should be rejected"
+            );
+        }
+    }
+
+    #[test]
+    fn workers_and_modes() {
+        assert_eq!("auto".parse::<Workers>(), Ok(Workers::Auto));
+        assert_eq!("4".parse::<Workers>(), Ok(Workers::Count(4)));
+        assert!("0".parse::<Workers>().unwrap_err().contains("at least 1"));
+        assert!("-1".parse::<Workers>().is_err());
+        assert!(Workers::Auto.resolve() >= 1);
+        assert_eq!("notify".parse::<ReadyMode>(), Ok(ReadyMode::Notify));
+        assert_eq!("exec".parse::<ReadyMode>(), Ok(ReadyMode::Exec));
+        assert_eq!(
+            "after:2s".parse::<ReadyMode>(),
+            Ok(ReadyMode::After(Duration::from_secs(2)))
+        );
+        assert!("later".parse::<ReadyMode>().is_err());
+        assert_eq!(
+            ReadyMode::After(Duration::from_secs(2)).to_string(),
+            "after:2s"
+        );
+    }
+
+    #[test]
+    fn restart_delays_and_signals() {
+        use nix::sys::signal::Signal;
+        let r: RestartDelay = "100ms..30s".parse().unwrap();
+        assert_eq!(r, RestartDelay::default());
+        assert_eq!(r.to_string(), "100ms..30s");
+        assert!("5s..1s".parse::<RestartDelay>().is_err());
+        assert_eq!(
+            "1s".parse::<RestartDelay>().unwrap().max,
+            Duration::from_secs(1)
+        );
+        assert_eq!("TERM".parse::<Sig>(), Ok(Sig(Signal::SIGTERM)));
+        assert_eq!("sigquit".parse::<Sig>(), Ok(Sig(Signal::SIGQUIT)));
+        assert_eq!("15".parse::<Sig>(), Ok(Sig(Signal::SIGTERM)));
+        assert!("NOPE".parse::<Sig>().is_err());
+    }
+}
