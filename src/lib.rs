@@ -6,6 +6,11 @@
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod log;
+pub mod notify;
+pub mod sockets;
+pub mod supervisor;
+mod sys;
 pub mod units;
 
 use clap::Parser;
@@ -27,7 +32,11 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> u8 {
         }
     };
     let result = match cli.command {
-        Command::Run(_args) => Err(error::Error::Failed("not yet".into())),
+        Command::Run(args) => match supervisor::run(args) {
+            Ok(0) => Ok(()),
+            Ok(code) => return code,
+            Err(e) => Err(e),
+        },
         Command::GenUnits(args) => units::gen_units(&args),
     };
     match result {

@@ -1,0 +1,134 @@
+//! The vocabulary between the pure state machine (`handle.rs`) and the executor (`mod.rs`):
+//! events come in (things that happened), actions go out (things to do).
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use tracing::Level;
+
+use crate::notify::{NotifyMsg, Upstream};
+
+/// How a worker ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitKind {
+    Code(i32),
+    Signal(i32),
+}
+
+impl std::fmt::Display for ExitKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitKind::Code(c) => write!(f, "exit code {c}"),
+            ExitKind::Signal(s) => match Signal::try_from(*s) {
+                Ok(sig) => write!(f, "signal {}", sig.as_str()),
+                Err(_) => write!(f, "signal {s}"),
+            },
+        }
+    }
+}
+
+/// A control request's identity, so its answer can be routed back (e.g. `reload --wait`).
+pub type Ticket = u64;
+
+/// Something that happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The supervisor starts: launch the first generation.
+    Start,
+    /// A `Spawn` action succeeded.
+    Spawned {
+        slot: u32,
+        generation: u32,
+        pid: Pid,
+    },
+    /// A `Spawn` action failed; `permanent` when retrying cannot help (command missing,
+    /// not executable).
+    SpawnFailed {
+        slot: u32,
+        generation: u32,
+        error: String,
+        permanent: bool,
+    },
+    /// A worker (the leader of its process group) ended.
+    Exited { pid: Pid, how: ExitKind },
+    /// A worker sent a notify datagram (already attributed to the worker's pid).
+    Notify { pid: Pid, msg: NotifyMsg },
+    /// SIGTERM / SIGINT: stop everything (a second one kills at once).
+    Stop,
+    /// SIGHUP or `clusterctl reload`: start a new generation. `ticket` identifies a
+    /// client waiting for the result.
+    Reload { ticket: Option<Ticket> },
+    /// SIGUSR2 or `clusterctl restart --rolling`: replace workers one slot at a time.
+    RollingRestart { ticket: Option<Ticket> },
+    /// Some armed deadline may have passed (the executor wakes us at `next_deadline`).
+    Tick,
+}
+
+/// Something to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Start a worker in `slot` for `generation`; the result comes back as `Spawned` or
+    /// `SpawnFailed` before any other event is handled.
+    Spawn { slot: u32, generation: u32 },
+    /// Send `signal` to the worker, or to its whole process group.
+    Kill {
+        pid: Pid,
+        signal: Signal,
+        group: bool,
+    },
+    /// One datagram to systemd.
+    Notify(Vec<Upstream>),
+    Log {
+        level: Level,
+        worker: Option<WorkerTag>,
+        message: String,
+    },
+    /// A reload (or rolling restart) ended; answer these waiting clients.
+    ReloadFinished {
+        tickets: Vec<Ticket>,
+        result: Result<u32, String>,
+    },
+    /// All workers are gone: exit the supervisor with this code.
+    Exit { code: u8 },
+}
+
+/// Identifies a worker in log lines (journald fields WORKER_ID, GENERATION, WORKER_PID).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerTag {
+    pub slot: u32,
+    pub generation: u32,
+    pub pid: Option<Pid>,
+}
+
+/// Formats a duration for humans in log lines: `250ms`, `1.5s`, `2m30s`.
+pub fn human(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        let tenths = ms / 100;
+        if tenths % 10 == 0 {
+            format!("{}s", tenths / 10)
+        } else {
+            format!("{}.{}s", tenths / 10, tenths % 10)
+        }
+    } else {
+        format!("{}m{}s", ms / 60_000, (ms % 60_000) / 1000)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_durations() {
+        assert_eq!(human(Duration::from_millis(250)), "250ms");
+        assert_eq!(human(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(human(Duration::from_secs(30)), "30s");
+        assert_eq!(human(Duration::from_secs(150)), "2m30s");
+        assert_eq!(ExitKind::Signal(9).to_string(), "signal SIGKILL");
+        assert_eq!(ExitKind::Code(3).to_string(), "exit code 3");
+    }
+}

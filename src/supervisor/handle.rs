@@ -1,0 +1,784 @@
+//! The supervisor's transition function: `handle(state, event, now) -> actions`.
+//!
+//! Pure: no system calls, no clock, no I/O. Everything that happens comes in as an `Event`
+//! with the current time, everything to do goes out as an `Action`. That is what makes the
+//! crash/backoff/reload/rollback logic testable with a fake clock and fake pids (see the
+//! tests at the bottom).
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+use tracing::Level;
+
+use super::event::{Action, Event, ExitKind, Ticket, WorkerTag, human};
+use super::state::{
+    Phase, Queued, Reload, ReloadKind, STABLE_AFTER, START_ATTEMPTS, State, Worker, WorkerPhase,
+};
+use crate::config::ReadyMode;
+use crate::error::exit;
+use crate::notify::{NotifyMsg, Upstream};
+
+/// Why a worker was asked to stop: decides how its exit is treated.
+const REPLACED: &str = "replaced by a newer generation";
+const SHUTDOWN: &str = "supervisor stopping";
+const READY_TIMEOUT: &str = "not ready in time";
+const ROLLED_BACK: &str = "its generation was rolled back";
+const UNWANTED: &str = "not wanted any more";
+
+/// Applies one event at time `now` and returns what to do, in order.
+pub fn handle(state: &mut State, event: Event, now: Instant) -> Vec<Action> {
+    let mut out = Vec::new();
+    match event {
+        Event::Start => {
+            for slot in 0..state.cfg.workers {
+                out.push(Action::Spawn {
+                    slot,
+                    generation: 1,
+                });
+            }
+        }
+        Event::Spawned {
+            slot,
+            generation,
+            pid,
+        } => spawned(state, slot, generation, pid, now, &mut out),
+        Event::SpawnFailed {
+            slot,
+            generation,
+            error,
+            permanent,
+        } => spawn_failed(state, slot, generation, &error, permanent, now, &mut out),
+        Event::Exited { pid, how } => exited(state, pid, how, now, &mut out),
+        Event::Notify { pid, msg } => notified(state, pid, &msg, now, &mut out),
+        Event::Stop => stop(state, exit::OK, now, &mut out),
+        Event::Reload { ticket } => request_reload(state, false, ticket, &mut out),
+        Event::RollingRestart { ticket } => request_reload(state, true, ticket, &mut out),
+        Event::Tick => tick(state, now, &mut out),
+    }
+    settle(state, now, &mut out);
+    out
+}
+
+fn tag(w: &Worker) -> Option<WorkerTag> {
+    Some(WorkerTag {
+        slot: w.slot,
+        generation: w.generation,
+        pid: Some(w.pid),
+    })
+}
+
+fn log(out: &mut Vec<Action>, level: Level, worker: Option<WorkerTag>, message: String) {
+    out.push(Action::Log {
+        level,
+        worker,
+        message,
+    });
+}
+
+/// Is a worker of `generation` in `slot` still wanted right now?
+fn wanted(state: &State, slot: u32, generation: u32) -> bool {
+    if matches!(state.phase, Phase::Stopping { .. }) || slot >= state.cfg.workers {
+        return false;
+    }
+    let reloading = state
+        .reload
+        .as_ref()
+        .is_some_and(|r| r.generation == generation);
+    (state.slots[slot as usize].generation == generation || reloading)
+        && state.live_in(generation, slot).is_none()
+}
+
+fn spawned(
+    state: &mut State,
+    slot: u32,
+    generation: u32,
+    pid: Pid,
+    now: Instant,
+    out: &mut Vec<Action>,
+) {
+    let wanted = wanted(state, slot, generation);
+    let phase = if !wanted {
+        out.push(Action::Kill {
+            pid,
+            signal: Signal::SIGKILL,
+            group: true,
+        });
+        WorkerPhase::Killed
+    } else if state.cfg.ready == ReadyMode::Exec {
+        WorkerPhase::Ready { since: now }
+    } else {
+        WorkerPhase::Starting {
+            deadline: now + state.cfg.ready_timeout,
+            ready_at: match state.cfg.ready {
+                ReadyMode::After(d) => Some(now + d),
+                _ => None,
+            },
+        }
+    };
+    let w = Worker {
+        slot,
+        generation,
+        pid,
+        started: now,
+        phase,
+        status: None,
+        was_ready: matches!(phase, WorkerPhase::Ready { .. }),
+        stop_reason: (!wanted).then_some(UNWANTED),
+    };
+    log(
+        out,
+        Level::INFO,
+        tag(&w),
+        format!("worker {slot} started (pid {pid}, generation {generation})"),
+    );
+    if w.was_ready {
+        log(
+            out,
+            Level::INFO,
+            tag(&w),
+            format!("worker {slot} ready (--ready exec)"),
+        );
+        if generation == state.slots[slot as usize].generation {
+            state.slots[slot as usize].failed_starts = 0;
+        }
+    }
+    state.workers.push(w);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn spawn_failed(
+    state: &mut State,
+    slot: u32,
+    generation: u32,
+    error: &str,
+    permanent: bool,
+    now: Instant,
+    out: &mut Vec<Action>,
+) {
+    let t = Some(WorkerTag {
+        slot,
+        generation,
+        pid: None,
+    });
+    log(
+        out,
+        Level::ERROR,
+        t,
+        format!("cannot start worker {slot}: {error}"),
+    );
+    if !wanted(state, slot, generation) {
+        return;
+    }
+    if state
+        .reload
+        .as_ref()
+        .is_some_and(|r| r.generation == generation)
+        && state.slots[slot as usize].generation != generation
+    {
+        rollback(
+            state,
+            format!("cannot start worker {slot}: {error}"),
+            now,
+            out,
+        );
+        return;
+    }
+    if state.phase == Phase::Starting && permanent {
+        abort(
+            state,
+            exit::CONFIG,
+            format!("cannot start workers: {error}"),
+            now,
+            out,
+        );
+        return;
+    }
+    failed_start(state, slot, error, Duration::ZERO, now, out);
+}
+
+/// A worker of the slot's current generation ended before it was ready (or could not be
+/// started): count it, and refill with backoff — or give up while the first generation
+/// is still starting.
+fn failed_start(
+    state: &mut State,
+    slot: u32,
+    why: &str,
+    uptime: Duration,
+    now: Instant,
+    out: &mut Vec<Action>,
+) {
+    let s = &mut state.slots[slot as usize];
+    s.failed_starts += 1;
+    if state.phase == Phase::Starting && s.failed_starts >= START_ATTEMPTS {
+        let msg = format!(
+            "worker {slot} failed to start {START_ATTEMPTS} times in a row (last: {why}); \
+             no worker ever became ready, giving up"
+        );
+        abort(state, exit::FAILURE, msg, now, out);
+        return;
+    }
+    schedule_respawn(state, slot, uptime, now, out);
+}
+
+fn schedule_respawn(
+    state: &mut State,
+    slot: u32,
+    uptime: Duration,
+    now: Instant,
+    out: &mut Vec<Action>,
+) {
+    let restart = state.cfg.restart;
+    let s = &mut state.slots[slot as usize];
+    if uptime >= STABLE_AFTER {
+        s.delay = restart.min;
+    }
+    let delay = s.delay;
+    s.respawn_at = Some(now + delay);
+    s.delay = (delay * 2).clamp(restart.min, restart.max);
+    s.restarts += 1;
+    let t = Some(WorkerTag {
+        slot,
+        generation: s.generation,
+        pid: None,
+    });
+    log(
+        out,
+        Level::INFO,
+        t,
+        format!("restarting worker {slot} in {}", human(delay)),
+    );
+}
+
+fn exited(state: &mut State, pid: Pid, how: ExitKind, now: Instant, out: &mut Vec<Action>) {
+    let Some(idx) = state.workers.iter().position(|w| w.pid == pid) else {
+        return; // an orphaned descendant we reaped as subreaper
+    };
+    let w = state.workers.swap_remove(idx);
+    let uptime = now.saturating_duration_since(w.started);
+    let slot_gen = state.slots.get(w.slot as usize).map(|s| s.generation);
+    if slot_gen == Some(w.generation) {
+        state.slots[w.slot as usize].last_exit = Some(how);
+    }
+    let expected = matches!(w.phase, WorkerPhase::Draining { .. } | WorkerPhase::Killed);
+    if expected && w.stop_reason != Some(READY_TIMEOUT) {
+        log(
+            out,
+            Level::INFO,
+            tag(&w),
+            format!(
+                "worker {} exited ({how}) after {}: {}",
+                w.slot,
+                human(uptime),
+                w.stop_reason.unwrap_or("stopped")
+            ),
+        );
+        return;
+    }
+    let why = if w.stop_reason == Some(READY_TIMEOUT) {
+        format!("was not ready within {}", human(state.cfg.ready_timeout))
+    } else if w.was_ready {
+        format!("exited unexpectedly ({how}) after {}", human(uptime))
+    } else {
+        format!("exited ({how}) before it was ready")
+    };
+    if w.stop_reason != Some(READY_TIMEOUT) {
+        log(
+            out,
+            Level::WARN,
+            tag(&w),
+            format!("worker {} {why}", w.slot),
+        );
+    }
+    if matches!(state.phase, Phase::Stopping { .. }) {
+        return;
+    }
+    let reload_gen = state.reload.as_ref().map(|r| r.generation);
+    if reload_gen == Some(w.generation) && slot_gen != Some(w.generation) {
+        // A worker of the generation being rolled out, not yet accepted for its slot.
+        if w.stop_reason != Some(READY_TIMEOUT) {
+            rollback(
+                state,
+                format!("worker {} of generation {} {why}", w.slot, w.generation),
+                now,
+                out,
+            );
+        }
+        return;
+    }
+    if slot_gen != Some(w.generation) || state.live_in(w.generation, w.slot).is_some() {
+        return; // an old generation's worker: nothing to refill
+    }
+    if w.was_ready {
+        state.slots[w.slot as usize].failed_starts = 0;
+        schedule_respawn(state, w.slot, uptime, now, out);
+    } else {
+        failed_start(state, w.slot, &why, uptime, now, out);
+    }
+}
+
+fn notified(state: &mut State, pid: Pid, msg: &NotifyMsg, now: Instant, out: &mut Vec<Action>) {
+    let Some(w) = state.worker_mut(pid) else {
+        return;
+    };
+    if let Some(s) = &msg.status {
+        w.status = Some(s.clone());
+    }
+    if msg.ready && matches!(w.phase, WorkerPhase::Starting { .. }) {
+        mark_ready(state, pid, now, out);
+    }
+}
+
+fn mark_ready(state: &mut State, pid: Pid, now: Instant, out: &mut Vec<Action>) {
+    let Some(w) = state.worker_mut(pid) else {
+        return;
+    };
+    w.phase = WorkerPhase::Ready { since: now };
+    w.was_ready = true;
+    let took = now.saturating_duration_since(w.started);
+    let (slot, generation) = (w.slot, w.generation);
+    let t = tag(w);
+    log(
+        out,
+        Level::INFO,
+        t,
+        format!("worker {slot} ready after {}", human(took)),
+    );
+    if state.slots[slot as usize].generation == generation {
+        state.slots[slot as usize].failed_starts = 0;
+    }
+}
+
+/// Asks a worker to drain: the stop signal now, SIGKILL to its group after stop-timeout.
+fn drain(state: &mut State, pid: Pid, reason: &'static str, now: Instant, out: &mut Vec<Action>) {
+    let (signal, timeout) = (state.cfg.stop_signal, state.cfg.stop_timeout);
+    if let Some(w) = state.worker_mut(pid) {
+        if matches!(
+            w.phase,
+            WorkerPhase::Starting { .. } | WorkerPhase::Ready { .. }
+        ) {
+            w.phase = WorkerPhase::Draining {
+                kill_at: now + timeout,
+            };
+            w.stop_reason = Some(reason);
+            out.push(Action::Kill {
+                pid,
+                signal,
+                group: false,
+            });
+        }
+    }
+}
+
+fn kill_now(state: &mut State, pid: Pid, reason: &'static str, out: &mut Vec<Action>) {
+    if let Some(w) = state.worker_mut(pid) {
+        if w.phase != WorkerPhase::Killed {
+            w.phase = WorkerPhase::Killed;
+            if w.stop_reason.is_none() || reason == READY_TIMEOUT {
+                w.stop_reason = Some(reason);
+            }
+            out.push(Action::Kill {
+                pid,
+                signal: Signal::SIGKILL,
+                group: true,
+            });
+        }
+    }
+}
+
+fn stop(state: &mut State, code: u8, now: Instant, out: &mut Vec<Action>) {
+    if let Phase::Stopping { .. } = state.phase {
+        log(
+            out,
+            Level::WARN,
+            None,
+            "second stop request: killing all workers now".into(),
+        );
+        let pids: Vec<Pid> = state.workers.iter().map(|w| w.pid).collect();
+        for pid in pids {
+            kill_now(state, pid, SHUTDOWN, out);
+        }
+        state.phase = Phase::Stopping {
+            force_at: None,
+            code,
+        };
+        return;
+    }
+    let n = state.workers.len();
+    if code == exit::OK {
+        log(
+            out,
+            Level::INFO,
+            None,
+            format!(
+                "stopping {n} worker(s) with {} (up to {})",
+                state.cfg.stop_signal.as_str(),
+                human(state.cfg.stop_timeout)
+            ),
+        );
+    }
+    state.phase = Phase::Stopping {
+        force_at: Some(now + state.cfg.stop_timeout),
+        code,
+    };
+    out.push(Action::Notify(vec![Upstream::Stopping]));
+    for s in &mut state.slots {
+        s.respawn_at = None;
+    }
+    let pids: Vec<Pid> = state.workers.iter().map(|w| w.pid).collect();
+    for pid in pids {
+        drain(state, pid, SHUTDOWN, now, out);
+    }
+    let mut tickets: Vec<Ticket> = state.reload.take().map(|r| r.tickets).unwrap_or_default();
+    tickets.extend(state.queued.take().map(|q| q.tickets).unwrap_or_default());
+    if !tickets.is_empty() {
+        out.push(Action::ReloadFinished {
+            tickets,
+            result: Err("the supervisor is stopping".into()),
+        });
+    }
+}
+
+/// Stops everything and exits with `code`, logging `reason` as the cause.
+fn abort(state: &mut State, code: u8, reason: String, now: Instant, out: &mut Vec<Action>) {
+    log(out, Level::ERROR, None, reason.clone());
+    stop(state, code, now, out);
+    out.push(Action::Notify(vec![Upstream::Status(reason.clone())]));
+    state.last_status = reason;
+}
+
+fn request_reload(state: &mut State, rolling: bool, ticket: Option<Ticket>, out: &mut Vec<Action>) {
+    if matches!(state.phase, Phase::Stopping { .. }) {
+        if let Some(t) = ticket {
+            out.push(Action::ReloadFinished {
+                tickets: vec![t],
+                result: Err("the supervisor is stopping".into()),
+            });
+        }
+        return;
+    }
+    let q = state.queued.get_or_insert_with(Queued::default);
+    q.rolling |= rolling;
+    q.tickets.extend(ticket);
+    if state.reload.is_some() {
+        log(
+            out,
+            Level::INFO,
+            None,
+            "reload requested while one runs: it will follow".into(),
+        );
+    }
+}
+
+/// Starts the queued reload, if there is one and nothing else is in the way: the first
+/// generation is up, no reload runs, and no older generation is still draining (so never
+/// more than two generations are alive).
+fn start_queued_reload(state: &mut State, now: Instant, out: &mut Vec<Action>) {
+    if state.phase != Phase::Running || state.reload.is_some() || state.queued.is_none() {
+        return;
+    }
+    let draining = state.workers.iter().any(|w| {
+        state
+            .slots
+            .get(w.slot as usize)
+            .is_none_or(|s| s.generation != w.generation)
+    });
+    if draining {
+        return;
+    }
+    let q = state.queued.take().unwrap_or_default();
+    let generation = state.last_generation + 1;
+    state.last_generation = generation;
+    let kind = if q.rolling {
+        ReloadKind::Rolling { slot: 0 }
+    } else {
+        ReloadKind::Surge
+    };
+    let what = match kind {
+        ReloadKind::Surge => "reload",
+        ReloadKind::Rolling { .. } => "rolling restart",
+    };
+    log(
+        out,
+        Level::INFO,
+        None,
+        format!("{what}: starting generation {generation}"),
+    );
+    out.push(Action::Notify(vec![Upstream::Reloading]));
+    state.reload = Some(Reload {
+        generation,
+        kind,
+        started: now,
+        tickets: q.tickets,
+    });
+    match kind {
+        ReloadKind::Surge => {
+            for slot in 0..state.cfg.workers {
+                out.push(Action::Spawn { slot, generation });
+            }
+        }
+        ReloadKind::Rolling { slot } => out.push(Action::Spawn { slot, generation }),
+    }
+}
+
+/// The generation being rolled out failed: stop what it started, keep the old workers.
+fn rollback(state: &mut State, reason: String, now: Instant, out: &mut Vec<Action>) {
+    let Some(r) = state.reload.take() else {
+        return;
+    };
+    let msg = format!(
+        "reload to generation {} failed: {reason}; rolled back",
+        r.generation
+    );
+    log(out, Level::ERROR, None, msg.clone());
+    let pids: Vec<Pid> = state
+        .workers
+        .iter()
+        .filter(|w| {
+            w.generation == r.generation && state.slots[w.slot as usize].generation != r.generation
+        })
+        .map(|w| w.pid)
+        .collect();
+    for pid in pids {
+        drain(state, pid, ROLLED_BACK, now, out);
+    }
+    state.last_reload = Some((now, Err(msg.clone())));
+    out.push(Action::ReloadFinished {
+        tickets: r.tickets,
+        result: Err(msg),
+    });
+    out.push(Action::Notify(vec![Upstream::Ready]));
+}
+
+fn finish_reload(state: &mut State, now: Instant, out: &mut Vec<Action>) {
+    let Some(r) = state.reload.take() else {
+        return;
+    };
+    state.generation = r.generation;
+    let took = now.saturating_duration_since(r.started);
+    log(
+        out,
+        Level::INFO,
+        None,
+        format!(
+            "generation {} serving (reload took {})",
+            r.generation,
+            human(took)
+        ),
+    );
+    state.last_reload = Some((now, Ok(r.generation)));
+    out.push(Action::ReloadFinished {
+        tickets: r.tickets,
+        result: Ok(r.generation),
+    });
+    out.push(Action::Notify(vec![Upstream::Ready]));
+}
+
+fn tick(state: &mut State, now: Instant, out: &mut Vec<Action>) {
+    let mut became_ready = Vec::new();
+    let mut timed_out = Vec::new();
+    let mut overdue = Vec::new();
+    for w in &state.workers {
+        match w.phase {
+            WorkerPhase::Starting {
+                ready_at: Some(r), ..
+            } if r <= now => became_ready.push(w.pid),
+            WorkerPhase::Starting { deadline, .. } if deadline <= now => timed_out.push(w.pid),
+            WorkerPhase::Draining { kill_at } if kill_at <= now => overdue.push(w.pid),
+            _ => {}
+        }
+    }
+    for pid in became_ready {
+        mark_ready(state, pid, now, out);
+    }
+    for pid in overdue {
+        if let Some(w) = state.worker(pid) {
+            log(
+                out,
+                Level::WARN,
+                tag(w),
+                format!(
+                    "worker {} did not exit within {} of {}: killing it",
+                    w.slot,
+                    human(state.cfg.stop_timeout),
+                    state.cfg.stop_signal.as_str()
+                ),
+            );
+        }
+        kill_now(state, pid, SHUTDOWN, out);
+    }
+    for pid in timed_out {
+        let Some(w) = state.worker(pid) else { continue };
+        let (slot, generation) = (w.slot, w.generation);
+        let msg = format!(
+            "worker {slot} was not ready within {}: killing it",
+            human(state.cfg.ready_timeout)
+        );
+        log(out, Level::WARN, tag(w), msg);
+        kill_now(state, pid, READY_TIMEOUT, out);
+        if state
+            .reload
+            .as_ref()
+            .is_some_and(|r| r.generation == generation)
+            && state.slots[slot as usize].generation != generation
+        {
+            let why = format!(
+                "worker {slot} was not ready within {}",
+                human(state.cfg.ready_timeout)
+            );
+            rollback(state, why, now, out);
+        }
+    }
+    if let Phase::Stopping {
+        force_at: Some(t),
+        code,
+    } = state.phase
+    {
+        if t <= now {
+            let pids: Vec<Pid> = state.workers.iter().map(|w| w.pid).collect();
+            for pid in pids {
+                kill_now(state, pid, SHUTDOWN, out);
+            }
+            state.phase = Phase::Stopping {
+                force_at: None,
+                code,
+            };
+        }
+    }
+    if !matches!(state.phase, Phase::Stopping { .. }) {
+        for slot in 0..state.cfg.workers {
+            let s = &mut state.slots[slot as usize];
+            if s.respawn_at.is_some_and(|t| t <= now) {
+                s.respawn_at = None;
+                out.push(Action::Spawn {
+                    slot,
+                    generation: s.generation,
+                });
+            }
+        }
+    }
+}
+
+/// Consequences that follow from the new state, whatever the event: readiness of the
+/// first generation, progress of a reload, the STATUS line, and exiting.
+fn settle(state: &mut State, now: Instant, out: &mut Vec<Action>) {
+    let n = state.cfg.workers;
+    if state.phase == Phase::Starting && state.ready_count_current() == n as usize {
+        state.phase = Phase::Running;
+        log(out, Level::INFO, None, format!("all {n} workers ready"));
+        out.push(Action::Notify(vec![Upstream::Ready]));
+    }
+    if let Some(r) = state.reload.clone() {
+        let g = r.generation;
+        let ready_in = |state: &State, slot: u32| {
+            state
+                .live_in(g, slot)
+                .is_some_and(|w| matches!(w.phase, WorkerPhase::Ready { .. }))
+        };
+        match r.kind {
+            ReloadKind::Surge if (0..n).all(|s| ready_in(state, s)) => {
+                let old: Vec<Pid> = state
+                    .workers
+                    .iter()
+                    .filter(|w| w.generation != g)
+                    .map(|w| w.pid)
+                    .collect();
+                for s in &mut state.slots {
+                    s.generation = g;
+                    s.failed_starts = 0;
+                    s.respawn_at = None;
+                }
+                for pid in old {
+                    drain(state, pid, REPLACED, now, out);
+                }
+                finish_reload(state, now, out);
+            }
+            ReloadKind::Rolling { slot } if ready_in(state, slot) => {
+                let s = &mut state.slots[slot as usize];
+                s.generation = g;
+                s.failed_starts = 0;
+                s.respawn_at = None;
+                let old: Vec<Pid> = state
+                    .workers
+                    .iter()
+                    .filter(|w| w.slot == slot && w.generation != g)
+                    .map(|w| w.pid)
+                    .collect();
+                let old_alive = !old.is_empty();
+                for pid in old {
+                    drain(state, pid, REPLACED, now, out);
+                }
+                if !old_alive {
+                    if slot + 1 >= n {
+                        finish_reload(state, now, out);
+                    } else if let Some(r) = &mut state.reload {
+                        r.kind = ReloadKind::Rolling { slot: slot + 1 };
+                        out.push(Action::Spawn {
+                            slot: slot + 1,
+                            generation: g,
+                        });
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    start_queued_reload(state, now, out);
+    let status = state.status_line();
+    if status != state.last_status
+        && !matches!(state.phase, Phase::Stopping { code, .. } if code != exit::OK)
+    {
+        state.last_status.clone_from(&status);
+        out.push(Action::Notify(vec![Upstream::Status(status)]));
+    }
+    if matches!(state.phase, Phase::Stopping { .. }) && state.workers.is_empty() {
+        let Phase::Stopping { code, .. } = state.phase else {
+            unreachable!()
+        };
+        out.push(Action::Exit { code });
+    }
+}
+
+impl State {
+    /// Ready workers that belong to their slot's current generation.
+    pub fn ready_count_current(&self) -> usize {
+        self.workers
+            .iter()
+            .filter(|w| {
+                matches!(w.phase, WorkerPhase::Ready { .. })
+                    && self
+                        .slots
+                        .get(w.slot as usize)
+                        .is_some_and(|s| s.generation == w.generation)
+            })
+            .count()
+    }
+
+    /// The one-line STATUS= text for systemd.
+    pub fn status_line(&self) -> String {
+        let n = self.cfg.workers;
+        let ready = self.ready_count_current();
+        match (&self.phase, &self.reload) {
+            (Phase::Stopping { .. }, _) => {
+                format!("stopping: {} worker(s) left", self.workers.len())
+            }
+            (Phase::Starting, _) => format!("starting: {ready}/{n} workers ready"),
+            (Phase::Running, Some(r)) => format!(
+                "reloading to generation {}: {}/{n} new workers ready; {ready}/{n} serving",
+                r.generation,
+                self.ready_count(r.generation)
+            ),
+            (Phase::Running, None) => {
+                let mut s = format!("{ready}/{n} workers ready, generation {}", self.generation);
+                if let Some((_, Err(e))) = &self.last_reload {
+                    s.push_str("; last ");
+                    s.push_str(e);
+                }
+                s
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

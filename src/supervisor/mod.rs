@@ -1,0 +1,458 @@
+//! `clusterctl run`: the executor around the pure state machine.
+//!
+//! One thread, one `poll(2)` over a signalfd (SIGCHLD, SIGTERM, SIGHUP, …) and the workers'
+//! notify socket, with a timeout only when the state machine has a deadline armed: when
+//! nothing is going on, the supervisor never wakes up. Each wake-up is decoded into
+//! `Event`s, fed to `handle()`, and the returned `Action`s are carried out here.
+
+pub mod event;
+mod handle;
+pub mod state;
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, killpg, sigprocmask};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
+use nix::unistd::Pid;
+
+use self::event::{Action, Event, ExitKind};
+pub use self::handle::handle;
+use self::state::{Config, State};
+use crate::cli::RunArgs;
+use crate::error::{Context, Error, Result};
+use crate::notify::{self, NotifySocket};
+use crate::sockets::{self, Listeners};
+use crate::sys;
+
+/// Environment variables that belong to the supervisor, never to its workers.
+const STRIPPED_ENV: &[&str] = &[
+    "LISTEN_PID",
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "WORKER_ID",
+    "CLUSTER_WORKERS",
+    "CLUSTER_GENERATION",
+];
+
+/// Signals the supervisor reads from its signalfd (blocked for normal delivery).
+const SIGNALS: &[Signal] = &[
+    Signal::SIGCHLD,
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGUSR2,
+];
+
+/// Runs the supervisor until it is stopped; returns the exit code.
+pub fn run(args: RunArgs) -> Result<u8> {
+    // Sockets first: in bind mode they must land at fds 3.. before anything else opens fds.
+    let (listeners, warnings) = sockets::acquire(&args.listen, args.reuse_port)?;
+    let log_warning = crate::log::init(args.log);
+    for w in warnings.iter().chain(&log_warning) {
+        tracing::warn!("{w}");
+    }
+    let program = resolve_command(&args.command[0])?;
+    let workers = args.opts.workers.resolve();
+    let cfg = Config {
+        workers,
+        ready: args.opts.ready,
+        ready_timeout: args.opts.ready_timeout.0,
+        restart: args.opts.restart_delay,
+        stop_signal: args.opts.stop_signal.0,
+        stop_timeout: args.opts.stop_timeout.0,
+    };
+    let mut sup = Executor::new(cfg, listeners, program, args.command)?;
+    sup.run()
+}
+
+/// Finds the worker program now, so that a typo is a clear configuration error at start.
+fn resolve_command(cmd: &OsString) -> Result<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let check = |p: &Path| -> std::result::Result<(), String> {
+        let meta = std::fs::metadata(p).map_err(|e| e.to_string())?;
+        if meta.is_dir() {
+            return Err("is a directory".into());
+        }
+        nix::unistd::access(p, nix::unistd::AccessFlags::X_OK)
+            .map_err(|e| std::io::Error::from(e).to_string())
+    };
+    let shown = Path::new(cmd).display().to_string();
+    if cmd.as_bytes().contains(&b'/') {
+        let p = PathBuf::from(cmd);
+        check(&p)
+            .map_err(|e| Error::config(format!("cannot execute worker command {shown:?}: {e}")))?;
+        return Ok(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    for dir in std::env::split_paths(&path) {
+        let p = dir.join(cmd);
+        if check(&p).is_ok() {
+            return Ok(p);
+        }
+    }
+    Err(Error::config(format!(
+        "worker command {shown:?} not found in PATH ({}): No such file or directory",
+        path.to_string_lossy()
+    )))
+}
+
+struct Executor {
+    state: State,
+    listeners: Listeners,
+    notify: NotifySocket,
+    signals: SignalFd,
+    program: PathBuf,
+    argv: Vec<OsString>,
+    base_env: Vec<(OsString, OsString)>,
+    devnull: OwnedFd,
+    exit: Option<u8>,
+    /// Noise from strangers and garbage datagrams: logged up to a limit.
+    complaints: u32,
+    upstream_failed: bool,
+}
+
+impl Executor {
+    fn new(
+        cfg: Config,
+        listeners: Listeners,
+        program: PathBuf,
+        argv: Vec<OsString>,
+    ) -> Result<Executor> {
+        let mut mask = SigSet::empty();
+        for s in SIGNALS {
+            mask.add(*s);
+        }
+        sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None)
+            .context(|| "cannot block signals".into())?;
+        let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+            .context(|| "cannot create a signalfd".into())?;
+        if let Err(e) = sys::set_child_subreaper() {
+            tracing::warn!("cannot become a child subreaper: {e}");
+        }
+        let notify = NotifySocket::bind()?;
+        let devnull: OwnedFd = std::fs::File::open("/dev/null")
+            .context(|| "cannot open /dev/null".into())?
+            .into();
+        let mut base_env: Vec<(OsString, OsString)> = std::env::vars_os()
+            .filter(|(k, _)| !STRIPPED_ENV.iter().any(|s| k == *s))
+            .collect();
+        base_env.push(("LISTEN_FDS".into(), listeners.len().to_string().into()));
+        base_env.push(("LISTEN_FDNAMES".into(), listeners.names.join(":").into()));
+        base_env.push(("NOTIFY_SOCKET".into(), notify.path().into()));
+        base_env.push(("CLUSTER_WORKERS".into(), cfg.workers.to_string().into()));
+        tracing::info!(
+            "supervisor pid {} starting {} worker(s) of {} on {}",
+            std::process::id(),
+            cfg.workers,
+            program.display(),
+            listeners
+                .names
+                .iter()
+                .zip(&listeners.addresses)
+                .map(|(n, a)| format!("{n}={a}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        Ok(Executor {
+            state: State::new(cfg),
+            listeners,
+            notify,
+            signals,
+            program,
+            argv,
+            base_env,
+            devnull,
+            exit: None,
+            complaints: 0,
+            upstream_failed: false,
+        })
+    }
+
+    fn run(&mut self) -> Result<u8> {
+        self.dispatch(Event::Start);
+        while self.exit.is_none() {
+            let events = self.wait()?;
+            for e in events {
+                self.dispatch(e);
+                if self.exit.is_some() {
+                    break;
+                }
+            }
+        }
+        Ok(self.exit.unwrap_or(0))
+    }
+
+    /// Sleeps until something happens or the next deadline; returns the events.
+    fn wait(&mut self) -> Result<Vec<Event>> {
+        let timeout = match self.state.next_deadline() {
+            None => PollTimeout::NONE,
+            Some(t) => {
+                let d = t.saturating_duration_since(Instant::now());
+                // Round up, so we never wake a hair before the deadline and spin.
+                let ms = d.as_micros().div_ceil(1000);
+                PollTimeout::try_from(ms.min(i32::MAX as u128)).unwrap_or(PollTimeout::MAX)
+            }
+        };
+        let (sig_ready, notify_ready) = {
+            let notify_fd = self.notify.as_fd();
+            let mut fds = [
+                PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
+                PollFd::new(notify_fd, PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, timeout) {
+                Ok(_) | Err(nix::Error::EINTR) => {}
+                Err(e) => return Err(e).context(|| "poll failed".into()),
+            }
+            let r = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+            (r(&fds[0]), r(&fds[1]))
+        };
+        let mut events = Vec::new();
+        if sig_ready {
+            self.read_signals(&mut events);
+        }
+        if notify_ready {
+            self.read_notify(&mut events);
+        }
+        events.push(Event::Tick);
+        Ok(events)
+    }
+
+    fn read_signals(&mut self, events: &mut Vec<Event>) {
+        while let Ok(Some(info)) = self.signals.read_signal() {
+            let Ok(sig) = Signal::try_from(i32::try_from(info.ssi_signo).unwrap_or(0)) else {
+                continue;
+            };
+            match sig {
+                Signal::SIGCHLD => self.reap(events),
+                Signal::SIGTERM | Signal::SIGINT => {
+                    tracing::info!("received {}", sig.as_str());
+                    events.push(Event::Stop);
+                }
+                Signal::SIGHUP => {
+                    tracing::info!("received SIGHUP: reloading");
+                    events.push(Event::Reload { ticket: None });
+                }
+                Signal::SIGUSR2 => {
+                    tracing::info!("received SIGUSR2: rolling restart");
+                    events.push(Event::RollingRestart { ticket: None });
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Reaps every exited child. A worker's process group is SIGKILLed while the worker is
+    /// still a zombie (its pid, and so its group id, cannot be reused yet), so nothing it
+    /// started outlives it.
+    fn reap(&mut self, events: &mut Vec<Event>) {
+        loop {
+            let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+            let pid = match waitid(Id::All, flags) {
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(s) => match s.pid() {
+                    Some(p) => p,
+                    None => return,
+                },
+            };
+            if self.state.worker(pid).is_some() {
+                let _ = killpg(pid, Signal::SIGKILL);
+            }
+            let how = match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(_, code)) => ExitKind::Code(code),
+                Ok(WaitStatus::Signaled(_, sig, _)) => ExitKind::Signal(sig as i32),
+                _ => continue,
+            };
+            events.push(Event::Exited { pid, how });
+        }
+    }
+
+    fn read_notify(&mut self, events: &mut Vec<Event>) {
+        loop {
+            let dg = match self.notify.recv() {
+                Ok(Some(dg)) => dg,
+                Ok(None) => return,
+                Err(e) => {
+                    self.complain(format_args!("notify socket: {e}"));
+                    return;
+                }
+            };
+            let Some(sender) = dg.pid else {
+                self.complain(format_args!(
+                    "ignoring a notify datagram without credentials"
+                ));
+                continue;
+            };
+            let Some(pid) = self.attribute(sender) else {
+                self.complain(format_args!(
+                    "ignoring a notify datagram from pid {sender}, which is not a worker"
+                ));
+                continue;
+            };
+            match dg.msg {
+                Ok(msg) => events.push(Event::Notify { pid, msg }),
+                Err(why) => self.complain(format_args!(
+                    "ignoring a notify datagram from worker pid {pid}: {why}"
+                )),
+            }
+        }
+    }
+
+    /// The worker a notify sender belongs to: the worker itself, or a process in its
+    /// process group (such as `systemd-notify --ready` run by a worker's shell script).
+    fn attribute(&self, sender: Pid) -> Option<Pid> {
+        if self.state.worker(sender).is_some() {
+            return Some(sender);
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{sender}/stat")).ok()?;
+        let pgrp = parse_pgrp(&stat)?;
+        self.state.worker(pgrp).map(|w| w.pid)
+    }
+
+    fn complain(&mut self, msg: std::fmt::Arguments<'_>) {
+        const LIMIT: u32 = 20;
+        self.complaints += 1;
+        if self.complaints <= LIMIT {
+            tracing::warn!("{msg}");
+            if self.complaints == LIMIT {
+                tracing::warn!("further notify socket complaints are suppressed");
+            }
+        }
+    }
+
+    fn dispatch(&mut self, event: Event) {
+        let mut queue = VecDeque::from([event]);
+        while let Some(e) = queue.pop_front() {
+            let actions = handle(&mut self.state, e, Instant::now());
+            for a in actions {
+                self.execute(a, &mut queue);
+            }
+        }
+    }
+
+    fn execute(&mut self, action: Action, queue: &mut VecDeque<Event>) {
+        match action {
+            Action::Spawn { slot, generation } => {
+                let e = self.spawn(slot, generation);
+                // The state machine expects the outcome before any other event.
+                let actions = handle(&mut self.state, e, Instant::now());
+                for a in actions {
+                    self.execute(a, queue);
+                }
+            }
+            Action::Kill { pid, signal, group } => {
+                let r = if group {
+                    killpg(pid, signal)
+                } else {
+                    kill(pid, signal)
+                };
+                if let Err(e) = r {
+                    if e != nix::Error::ESRCH {
+                        tracing::warn!("cannot send {} to {pid}: {e}", signal.as_str());
+                    }
+                }
+            }
+            Action::Notify(msgs) => {
+                if let Err(e) = notify::send_upstream(&msgs) {
+                    if !self.upstream_failed {
+                        tracing::warn!("cannot notify the service manager: {e}");
+                        self.upstream_failed = true;
+                    }
+                }
+            }
+            Action::Log {
+                level,
+                worker,
+                message,
+            } => crate::log::event(level, worker, &message),
+            Action::ReloadFinished { .. } => {}
+            Action::Exit { code } => {
+                if code == 0 {
+                    tracing::info!("all workers stopped; exiting");
+                }
+                self.exit = Some(code);
+            }
+        }
+    }
+
+    fn spawn(&mut self, slot: u32, generation: u32) -> Event {
+        let mut env = self.base_env.clone();
+        env.push(("WORKER_ID".into(), slot.to_string().into()));
+        env.push(("CLUSTER_GENERATION".into(), generation.to_string().into()));
+        let plan = sys::ExecPlan::new(
+            &self.program,
+            &self.argv,
+            &env,
+            &["LISTEN_PID"],
+            self.listeners.len(),
+            &self.devnull,
+        );
+        let result = plan.and_then(|mut p| sys::spawn(&mut p));
+        match result {
+            Ok(pid) => Event::Spawned {
+                slot,
+                generation,
+                pid,
+            },
+            Err(e) => {
+                let permanent = matches!(
+                    e.raw_os_error(),
+                    Some(
+                        nix::libc::ENOENT
+                            | nix::libc::EACCES
+                            | nix::libc::ENOEXEC
+                            | nix::libc::ENOTDIR
+                    )
+                );
+                Event::SpawnFailed {
+                    slot,
+                    generation,
+                    error: format!("{}: {e}", self.program.display()),
+                    permanent,
+                }
+            }
+        }
+    }
+}
+
+/// The process group id from the contents of `/proc/PID/stat`.
+fn parse_pgrp(stat: &str) -> Option<Pid> {
+    // "pid (comm) state ppid pgrp ..."; comm may contain spaces and parentheses.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let pgrp = rest.split_whitespace().nth(2)?.parse().ok()?;
+    Some(Pid::from_raw(pgrp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pgrp_from_proc_stat() {
+        assert_eq!(
+            parse_pgrp("1234 (my (odd) prog) S 1 1200 1200 0 -1"),
+            Some(Pid::from_raw(1200))
+        );
+        assert_eq!(parse_pgrp("garbage"), None);
+    }
+
+    #[test]
+    fn command_resolution() {
+        assert!(resolve_command(&"sh".into()).unwrap().is_absolute());
+        let e = resolve_command(&"no-such-command-xyz".into()).unwrap_err();
+        assert!(e.to_string().contains("no-such-command-xyz"));
+        assert_eq!(e.exit_code(), crate::error::exit::CONFIG);
+        let e = resolve_command(&"/etc/hostname".into()).unwrap_err();
+        assert!(e.to_string().contains("Permission denied"), "{e}");
+        let e = resolve_command(&"/nonexistent/x".into()).unwrap_err();
+        assert!(e.to_string().contains("No such file"), "{e}");
+    }
+}

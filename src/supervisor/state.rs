@@ -1,0 +1,209 @@
+//! The supervisor's state: nouns only. Transitions live in `handle.rs`.
+//!
+//! A worker is identified by its pid; its `slot` (WORKER_ID) and `generation` are separate
+//! because during a reload two generations overlap and both have a worker in each slot.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
+use super::event::{ExitKind, Ticket};
+use crate::config::{ReadyMode, RestartDelay};
+
+/// A slot is refilled with the minimum delay again once its worker stayed up this long.
+pub const STABLE_AFTER: Duration = Duration::from_secs(10);
+
+/// While the first generation is starting, a slot that fails to start this many times in a
+/// row aborts the supervisor (bad command, crash at boot) instead of looping forever.
+pub const START_ATTEMPTS: u32 = 3;
+
+/// The supervisor's settings, resolved from the command line.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub workers: u32,
+    pub ready: ReadyMode,
+    pub ready_timeout: Duration,
+    pub restart: RestartDelay,
+    pub stop_signal: Signal,
+    pub stop_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerPhase {
+    /// Running, not ready yet. Killed at `deadline`; with `--ready after:DUR`, ready at
+    /// `ready_at`.
+    Starting {
+        deadline: Instant,
+        ready_at: Option<Instant>,
+    },
+    Ready {
+        since: Instant,
+    },
+    /// Sent the stop signal; SIGKILLed at `kill_at` if still alive.
+    Draining {
+        kill_at: Instant,
+    },
+    /// Sent SIGKILL; waiting to reap it.
+    Killed,
+}
+
+#[derive(Debug, Clone)]
+pub struct Worker {
+    pub slot: u32,
+    pub generation: u32,
+    pub pid: Pid,
+    pub started: Instant,
+    pub phase: WorkerPhase,
+    /// The worker's own `STATUS=` text.
+    pub status: Option<String>,
+    /// True once it was ever ready (so an exit is a crash, not a failed start).
+    pub was_ready: bool,
+    /// Why it is being stopped, if it is (used to word the exit log line).
+    pub stop_reason: Option<&'static str>,
+}
+
+/// Per-slot bookkeeping for the serving generation: restart backoff and counters.
+#[derive(Debug, Clone)]
+pub struct Slot {
+    /// The generation this slot runs: refills use it. A reload moves it forward once the
+    /// new worker for the slot is ready.
+    pub generation: u32,
+    /// Delay before the next refill of this slot.
+    pub delay: Duration,
+    /// When a refill is due.
+    pub respawn_at: Option<Instant>,
+    pub restarts: u32,
+    /// Consecutive failed starts (exit or timeout before ready).
+    pub failed_starts: u32,
+    pub last_exit: Option<ExitKind>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// The first generation is starting; READY=1 not sent yet.
+    Starting,
+    Running,
+    /// Stopping everything; force-kill at `force_at`. Exit with `code` once all are reaped.
+    Stopping {
+        force_at: Option<Instant>,
+        code: u8,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadKind {
+    /// Start a complete new generation, then drain the old one.
+    Surge,
+    /// Replace one slot at a time, new before old.
+    Rolling { slot: u32 },
+}
+
+/// A reload in progress.
+#[derive(Debug, Clone)]
+pub struct Reload {
+    pub generation: u32,
+    pub kind: ReloadKind,
+    pub started: Instant,
+    pub tickets: Vec<Ticket>,
+}
+
+/// A reload asked for while another one runs: coalesced into one more after it.
+#[derive(Debug, Clone, Default)]
+pub struct Queued {
+    pub rolling: bool,
+    pub tickets: Vec<Ticket>,
+}
+
+#[derive(Debug, Clone)]
+pub struct State {
+    pub cfg: Config,
+    pub phase: Phase,
+    /// The generation that serves (after a successful reload: the new one).
+    pub generation: u32,
+    /// The highest generation number ever used (rolled-back ones included).
+    pub last_generation: u32,
+    pub workers: Vec<Worker>,
+    pub slots: Vec<Slot>,
+    pub reload: Option<Reload>,
+    pub queued: Option<Queued>,
+    /// The last STATUS= sent upstream, to send only changes.
+    pub last_status: String,
+    /// The outcome of the last reload, for status output: (finished at, result).
+    pub last_reload: Option<(Instant, Result<u32, String>)>,
+}
+
+impl State {
+    pub fn new(cfg: Config) -> State {
+        let slots = (0..cfg.workers).map(|_| Slot::new(&cfg)).collect();
+        State {
+            cfg,
+            phase: Phase::Starting,
+            generation: 1,
+            last_generation: 1,
+            workers: Vec::new(),
+            slots,
+            reload: None,
+            queued: None,
+            last_status: String::new(),
+            last_reload: None,
+        }
+    }
+
+    pub fn worker(&self, pid: Pid) -> Option<&Worker> {
+        self.workers.iter().find(|w| w.pid == pid)
+    }
+
+    pub fn worker_mut(&mut self, pid: Pid) -> Option<&mut Worker> {
+        self.workers.iter_mut().find(|w| w.pid == pid)
+    }
+
+    /// Workers of `generation` in `slot` that are not being stopped.
+    pub fn live_in(&self, generation: u32, slot: u32) -> Option<&Worker> {
+        self.workers.iter().find(|w| {
+            w.generation == generation
+                && w.slot == slot
+                && matches!(
+                    w.phase,
+                    WorkerPhase::Starting { .. } | WorkerPhase::Ready { .. }
+                )
+        })
+    }
+
+    pub fn ready_count(&self, generation: u32) -> usize {
+        self.workers
+            .iter()
+            .filter(|w| w.generation == generation && matches!(w.phase, WorkerPhase::Ready { .. }))
+            .count()
+    }
+
+    /// The earliest armed deadline, if any: the executor sleeps until then (or forever).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let workers = self.workers.iter().filter_map(|w| match w.phase {
+            WorkerPhase::Starting { deadline, ready_at } => {
+                Some(ready_at.map_or(deadline, |r| r.min(deadline)))
+            }
+            WorkerPhase::Draining { kill_at } => Some(kill_at),
+            WorkerPhase::Ready { .. } | WorkerPhase::Killed => None,
+        });
+        let slots = self.slots.iter().filter_map(|s| s.respawn_at);
+        let phase = match self.phase {
+            Phase::Stopping { force_at, .. } => force_at,
+            _ => None,
+        };
+        workers.chain(slots).chain(phase).min()
+    }
+}
+
+impl Slot {
+    pub fn new(cfg: &Config) -> Slot {
+        Slot {
+            generation: 1,
+            delay: cfg.restart.min,
+            respawn_at: None,
+            restarts: 0,
+            failed_starts: 0,
+            last_exit: None,
+        }
+    }
+}

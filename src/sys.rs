@@ -1,0 +1,351 @@
+//! Every `unsafe` block and raw OS call of clusterctl lives here, each with a `// SAFETY:`
+//! comment. The rest of the program uses the safe functions below.
+//!
+//! The centre piece is [`spawn`]: fork + execve done by hand, because a worker's environment
+//! must contain `LISTEN_PID=<its own pid>`, which the parent cannot know before `fork`.
+//! Everything the child needs (paths, argv, envp, a buffer for the pid digits) is allocated
+//! before `fork`; between `fork` and `execve` the child only makes async-signal-safe system
+//! calls and writes into memory it already owns. This keeps spawning correct even if some
+//! library started a thread in the supervisor (fork copies only the calling thread, so any
+//! lock held by another thread would stay locked forever in the child).
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::libc;
+use nix::unistd::Pid;
+
+/// A fully prepared worker command line: built (allocated) in the parent before `fork`.
+#[derive(Debug)]
+pub struct ExecPlan {
+    path: CString,
+    _argv: Vec<CString>,
+    argv_ptrs: Vec<*const libc::c_char>,
+    /// Environment entries as NUL-terminated byte buffers; those listed in `pid_slots`
+    /// end in `=` followed by room for 20 digits and the NUL, patched with the child's pid.
+    env: Vec<Vec<u8>>,
+    pid_slots: Vec<(usize, usize)>,
+    /// Number of listening sockets, which are at fds 3..3+n in the supervisor.
+    listen_fds: RawFd,
+    parent: libc::pid_t,
+    devnull: RawFd,
+}
+
+/// Room for the decimal digits of any pid, plus the NUL terminator.
+const PID_ROOM: usize = 21;
+
+impl ExecPlan {
+    /// `env` entries are `KEY=VALUE`; every key in `pid_keys` gets the child's pid as value.
+    pub fn new(
+        path: &std::path::Path,
+        argv: &[std::ffi::OsString],
+        env: &[(std::ffi::OsString, std::ffi::OsString)],
+        pid_keys: &[&str],
+        listen_fds: usize,
+        devnull: &OwnedFd,
+    ) -> io::Result<ExecPlan> {
+        use std::os::unix::ffi::OsStrExt;
+        let cstr = |b: &[u8]| {
+            CString::new(b).map_err(|_| {
+                io::Error::new(io::ErrorKind::InvalidInput, "argument contains a NUL byte")
+            })
+        };
+        let path_c = cstr(path.as_os_str().as_bytes())?;
+        let argv_c = argv
+            .iter()
+            .map(|a| cstr(a.as_bytes()))
+            .collect::<io::Result<Vec<_>>>()?;
+        let mut argv_ptrs: Vec<*const libc::c_char> = argv_c.iter().map(|a| a.as_ptr()).collect();
+        argv_ptrs.push(std::ptr::null());
+
+        let mut bufs = Vec::with_capacity(env.len() + pid_keys.len());
+        for (k, v) in env {
+            let mut b = Vec::with_capacity(k.len() + v.len() + 2);
+            b.extend_from_slice(k.as_bytes());
+            b.push(b'=');
+            b.extend_from_slice(v.as_bytes());
+            if b.contains(&0) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "environment contains a NUL byte",
+                ));
+            }
+            b.push(0);
+            bufs.push(b);
+        }
+        let mut pid_slots = Vec::new();
+        for key in pid_keys {
+            let mut b = Vec::with_capacity(key.len() + 1 + PID_ROOM);
+            b.extend_from_slice(key.as_bytes());
+            b.push(b'=');
+            let start = b.len();
+            b.resize(start + PID_ROOM, 0);
+            pid_slots.push((bufs.len(), start));
+            bufs.push(b);
+        }
+        Ok(ExecPlan {
+            path: path_c,
+            _argv: argv_c,
+            argv_ptrs,
+            env: bufs,
+            pid_slots,
+            listen_fds: RawFd::try_from(listen_fds).unwrap_or(RawFd::MAX - 3),
+            parent: std::process::id().cast_signed(),
+            devnull: devnull.as_raw_fd(),
+        })
+    }
+}
+
+/// Writes `n` in decimal into `buf` followed by a NUL. No allocation: safe after `fork`.
+fn write_pid(buf: &mut [u8], n: libc::pid_t) {
+    let mut digits = [0u8; 20];
+    let mut len = 0;
+    let mut v = u64::try_from(n).unwrap_or(0);
+    loop {
+        digits[len] = b'0' + u8::try_from(v % 10).unwrap_or(0);
+        len += 1;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        buf[i] = digits[len - 1 - i];
+    }
+    buf[len] = 0;
+}
+
+/// Forks and executes a worker. Returns its pid once `execve` succeeded, or the OS error of
+/// the failed `execve` (reported through a close-on-exec pipe, as std's `Command` does).
+///
+/// In the child: own process group; `PR_SET_PDEATHSIG(SIGKILL)` (checked against the parent
+/// having already died); default dispositions and an empty signal mask; stdin from /dev/null;
+/// fds 3..3+n inherited without `FD_CLOEXEC`, every other fd above 2 closed on exec.
+pub fn spawn(plan: &mut ExecPlan) -> io::Result<Pid> {
+    let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let mut envp: Vec<*const libc::c_char> = Vec::with_capacity(plan.env.len() + 1);
+    for b in &plan.env {
+        envp.push(b.as_ptr().cast());
+    }
+    envp.push(std::ptr::null());
+    let wr_fd = wr.as_raw_fd();
+
+    // SAFETY: fork() is called with all memory the child needs already allocated. The child
+    // branch below only calls async-signal-safe functions (setpgid, prctl, getppid,
+    // sigaction, sigprocmask, fcntl, dup2, syscall(close_range), execve, write, _exit) and
+    // writes into buffers it owns (its copy of `plan.env`), then either execs or _exits; it
+    // never returns into Rust code that could allocate, lock or unwind.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // SAFETY: we are the freshly forked child; see the comment on the fork above. The
+        // pointers in argv_ptrs/envp point into memory that fork copied into this process.
+        unsafe { child_after_fork(plan, envp.as_mut_ptr(), wr_fd) }
+    }
+    drop(wr);
+    // Also set the group from the parent side, so that a signal to the group sent right
+    // after spawn() returns cannot miss (the child does the same; whoever is first wins).
+    let _ = nix::unistd::setpgid(Pid::from_raw(pid), Pid::from_raw(pid));
+    let mut errno = [0u8; 4];
+    let mut got = 0;
+    let file = std::fs::File::from(rd);
+    while got < 4 {
+        match io::Read::read(&mut &file, &mut errno[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if got == 0 {
+        return Ok(Pid::from_raw(pid));
+    }
+    // execve failed: reap the child, which has _exit()ed.
+    let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
+    Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)))
+}
+
+/// The child's side of [`spawn`]. Never returns.
+///
+/// # Safety
+/// Must only be called in the child right after `fork`, with `envp` a NULL-terminated array
+/// of pointers into `plan.env`.
+unsafe fn child_after_fork(
+    plan: &mut ExecPlan,
+    envp: *mut *const libc::c_char,
+    err_fd: RawFd,
+) -> ! {
+    // SAFETY: every call below is async-signal-safe and operates on memory owned by this
+    // (single-threaded) child process; see `spawn`.
+    unsafe {
+        let fail = |err_fd: RawFd| -> ! {
+            let e = *libc::__errno_location();
+            let bytes = e.to_ne_bytes();
+            libc::write(err_fd, bytes.as_ptr().cast(), 4);
+            libc::_exit(127)
+        };
+        let me = libc::getpid();
+        for &(idx, start) in &plan.pid_slots {
+            let buf = &mut plan.env[idx];
+            write_pid(&mut buf[start..], me);
+        }
+        if libc::setpgid(0, 0) != 0 {
+            fail(err_fd);
+        }
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+            fail(err_fd);
+        }
+        // The supervisor may have died between fork and prctl: then nobody would kill us.
+        if libc::getppid() != plan.parent {
+            libc::_exit(1);
+        }
+        // Default dispositions for every signal (an ignored signal stays ignored across
+        // execve, and Rust's runtime ignores SIGPIPE), then an empty mask (the supervisor
+        // blocks the signals it reads through signalfd).
+        let mut dfl: libc::sigaction = std::mem::zeroed();
+        dfl.sa_sigaction = libc::SIG_DFL;
+        for sig in 1..=libc::SIGRTMAX() {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::sigaction(sig, &raw const dfl, std::ptr::null_mut());
+            }
+        }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&raw mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &raw const empty, std::ptr::null_mut());
+
+        if libc::dup2(plan.devnull, 0) < 0 {
+            fail(err_fd);
+        }
+        // The listening sockets already sit at 3..3+n; dup2(fd, fd) would be a no-op, so
+        // clear FD_CLOEXEC explicitly.
+        for fd in 3..3 + plan.listen_fds {
+            if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                fail(err_fd);
+            }
+        }
+        // Everything else above the sockets is closed on exec (this includes err_fd, which
+        // must stay open until execve succeeds).
+        let first = libc::c_uint::try_from(3 + plan.listen_fds).unwrap_or(libc::c_uint::MAX);
+        let r = libc::syscall(
+            libc::SYS_close_range,
+            first,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        );
+        if r != 0 {
+            // Kernels before 5.11: mark them one by one.
+            let mut lim: libc::rlimit = std::mem::zeroed();
+            let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) == 0 {
+                libc::c_int::try_from(lim.rlim_cur.min(1 << 20)).unwrap_or(1 << 20)
+            } else {
+                65536
+            };
+            for fd in 3 + plan.listen_fds..max {
+                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+            }
+        }
+        libc::execve(
+            plan.path.as_ptr(),
+            plan.argv_ptrs.as_ptr(),
+            envp.cast_const(),
+        );
+        fail(err_fd)
+    }
+}
+
+/// Moves the given sockets to fds 3, 4, … (close-on-exec in the supervisor; the worker
+/// spawn clears the flag in the child). Whatever sat at those numbers is replaced.
+pub fn place_at_3(fds: Vec<OwnedFd>) -> io::Result<()> {
+    let n = RawFd::try_from(fds.len()).map_err(|_| io::Error::other("too many sockets"))?;
+    // First move all of them above the target range, so that no target number is still
+    // in use by one of our own sockets when we dup onto it.
+    let mut high = Vec::with_capacity(fds.len());
+    for fd in fds {
+        // SAFETY: F_DUPFD_CLOEXEC on a valid, owned fd returns a new fd or -1.
+        let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3 + n) };
+        if new < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `new` was just returned by fcntl and is owned by nobody else.
+        high.push(unsafe { OwnedFd::from_raw_fd(new) });
+    }
+    for (i, fd) in (3..).zip(high) {
+        // SAFETY: dup3 onto target number `i` atomically replaces whatever was there; the
+        // new fd at `i` is intentionally not owned by any Rust object: it lives as long as
+        // the process (the supervisor's listening socket).
+        if unsafe { libc::dup3(fd.as_raw_fd(), i, libc::O_CLOEXEC) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Marks inherited fds 3..3+n close-on-exec and checks that each is a listening socket.
+pub fn adopt_inherited(n: usize) -> io::Result<()> {
+    let n = RawFd::try_from(n).map_err(|_| io::Error::other("too many sockets"))?;
+    for fd in 3..3 + n {
+        // SAFETY: the fd numbers were passed to us by the service manager (LISTEN_FDS); we
+        // only borrow them for fcntl/fstat/getsockopt and never close them.
+        let b = unsafe { BorrowedFd::borrow_raw(fd) };
+        set_cloexec(b)?;
+        let st = nix::sys::stat::fstat(b)?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+            return Err(io::Error::other(format!("fd {fd} is not a socket")));
+        }
+        if !nix::sys::socket::getsockopt(&b, nix::sys::socket::sockopt::AcceptConn)? {
+            return Err(io::Error::other(format!(
+                "fd {fd} is not a listening socket (datagram and Accept=yes sockets are not supported)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Borrows listening socket number `i` (fd 3+i), which lives for the whole process.
+pub fn listen_fd(i: usize) -> BorrowedFd<'static> {
+    let fd = 3 + RawFd::try_from(i).expect("socket index");
+    // SAFETY: fds 3..3+n are the process-lifetime listening sockets placed by `place_at_3`
+    // or adopted by `adopt_inherited`; nothing closes them.
+    unsafe { BorrowedFd::borrow_raw(fd) }
+}
+
+fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
+    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+    fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+    Ok(())
+}
+
+/// Makes this process a child subreaper: orphaned descendants of workers are reparented to
+/// the supervisor (and reaped) instead of init.
+pub fn set_child_subreaper() -> io::Result<()> {
+    // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes a plain integer argument.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `CLOCK_MONOTONIC` in microseconds, as systemd expects in `MONOTONIC_USEC=`.
+pub fn monotonic_usec() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available");
+    u64::try_from(ts.tv_sec()).unwrap_or(0) * 1_000_000
+        + u64::try_from(ts.tv_nsec()).unwrap_or(0) / 1000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pid_digits() {
+        let mut buf = [0xffu8; PID_ROOM];
+        write_pid(&mut buf, 4_194_304);
+        assert_eq!(&buf[..8], b"4194304\0");
+        write_pid(&mut buf, 7);
+        assert_eq!(&buf[..2], b"7\0");
+    }
+}
