@@ -49,7 +49,7 @@ pub fn init(target: LogTarget) -> Option<String> {
             Err(e) => {
                 warning = Some(format!(
                     "journald is not reachable ({e}); logging to stderr"
-                ))
+                ));
             }
         }
     }

@@ -157,7 +157,7 @@ impl NotifySocket {
             for c in cmsgs {
                 match c {
                     ControlMessageOwned::ScmCredentials(cred) => {
-                        pid = Some(Pid::from_raw(cred.pid()))
+                        pid = Some(Pid::from_raw(cred.pid()));
                     }
                     ControlMessageOwned::ScmRights(fds) => {
                         // e.g. BARRIER=1 from systemd-notify: closing the fd is the answer.

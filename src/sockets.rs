@@ -143,7 +143,7 @@ pub fn acquire(specs: &[ListenSpec], reuse_port: bool) -> Result<(Listeners, Vec
                 inh.count
             ));
         }
-        let addresses = (0..inh.count).map(|i| local_address(i)).collect();
+        let addresses = (0..inh.count).map(local_address).collect();
         return Ok((
             Listeners {
                 names: inh.names,

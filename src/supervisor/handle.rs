@@ -60,14 +60,6 @@ pub fn handle(state: &mut State, event: Event, now: Instant) -> Vec<Action> {
     out
 }
 
-fn tag(w: &Worker) -> Option<WorkerTag> {
-    Some(WorkerTag {
-        slot: w.slot,
-        generation: w.generation,
-        pid: Some(w.pid),
-    })
-}
-
 fn log(out: &mut Vec<Action>, level: Level, worker: Option<WorkerTag>, message: String) {
     out.push(Action::Log {
         level,
@@ -129,14 +121,14 @@ fn spawned(
     log(
         out,
         Level::INFO,
-        tag(&w),
+        Some(w.tag()),
         format!("worker {slot} started (pid {pid}, generation {generation})"),
     );
     if w.was_ready {
         log(
             out,
             Level::INFO,
-            tag(&w),
+            Some(w.tag()),
             format!("worker {slot} ready (--ready exec)"),
         );
         if generation == state.slots[slot as usize].generation {
@@ -178,7 +170,7 @@ fn spawn_failed(
     {
         rollback(
             state,
-            format!("cannot start worker {slot}: {error}"),
+            &format!("cannot start worker {slot}: {error}"),
             now,
             out,
         );
@@ -265,7 +257,7 @@ fn exited(state: &mut State, pid: Pid, how: ExitKind, now: Instant, out: &mut Ve
         log(
             out,
             Level::INFO,
-            tag(&w),
+            Some(w.tag()),
             format!(
                 "worker {} exited ({how}) after {}: {}",
                 w.slot,
@@ -286,7 +278,7 @@ fn exited(state: &mut State, pid: Pid, how: ExitKind, now: Instant, out: &mut Ve
         log(
             out,
             Level::WARN,
-            tag(&w),
+            Some(w.tag()),
             format!("worker {} {why}", w.slot),
         );
     }
@@ -299,7 +291,7 @@ fn exited(state: &mut State, pid: Pid, how: ExitKind, now: Instant, out: &mut Ve
         if w.stop_reason != Some(READY_TIMEOUT) {
             rollback(
                 state,
-                format!("worker {} of generation {} {why}", w.slot, w.generation),
+                &format!("worker {} of generation {} {why}", w.slot, w.generation),
                 now,
                 out,
             );
@@ -337,7 +329,7 @@ fn mark_ready(state: &mut State, pid: Pid, now: Instant, out: &mut Vec<Action>) 
     w.was_ready = true;
     let took = now.saturating_duration_since(w.started);
     let (slot, generation) = (w.slot, w.generation);
-    let t = tag(w);
+    let t = Some(w.tag());
     log(
         out,
         Level::INFO,
@@ -352,37 +344,37 @@ fn mark_ready(state: &mut State, pid: Pid, now: Instant, out: &mut Vec<Action>) 
 /// Asks a worker to drain: the stop signal now, SIGKILL to its group after stop-timeout.
 fn drain(state: &mut State, pid: Pid, reason: &'static str, now: Instant, out: &mut Vec<Action>) {
     let (signal, timeout) = (state.cfg.stop_signal, state.cfg.stop_timeout);
-    if let Some(w) = state.worker_mut(pid) {
-        if matches!(
+    if let Some(w) = state.worker_mut(pid)
+        && matches!(
             w.phase,
             WorkerPhase::Starting { .. } | WorkerPhase::Ready { .. }
-        ) {
-            w.phase = WorkerPhase::Draining {
-                kill_at: now + timeout,
-            };
-            w.stop_reason = Some(reason);
-            out.push(Action::Kill {
-                pid,
-                signal,
-                group: false,
-            });
-        }
+        )
+    {
+        w.phase = WorkerPhase::Draining {
+            kill_at: now + timeout,
+        };
+        w.stop_reason = Some(reason);
+        out.push(Action::Kill {
+            pid,
+            signal,
+            group: false,
+        });
     }
 }
 
 fn kill_now(state: &mut State, pid: Pid, reason: &'static str, out: &mut Vec<Action>) {
-    if let Some(w) = state.worker_mut(pid) {
-        if w.phase != WorkerPhase::Killed {
-            w.phase = WorkerPhase::Killed;
-            if w.stop_reason.is_none() || reason == READY_TIMEOUT {
-                w.stop_reason = Some(reason);
-            }
-            out.push(Action::Kill {
-                pid,
-                signal: Signal::SIGKILL,
-                group: true,
-            });
+    if let Some(w) = state.worker_mut(pid)
+        && w.phase != WorkerPhase::Killed
+    {
+        w.phase = WorkerPhase::Killed;
+        if w.stop_reason.is_none() || reason == READY_TIMEOUT {
+            w.stop_reason = Some(reason);
         }
+        out.push(Action::Kill {
+            pid,
+            signal: Signal::SIGKILL,
+            group: true,
+        });
     }
 }
 
@@ -522,7 +514,7 @@ fn start_queued_reload(state: &mut State, now: Instant, out: &mut Vec<Action>) {
 }
 
 /// The generation being rolled out failed: stop what it started, keep the old workers.
-fn rollback(state: &mut State, reason: String, now: Instant, out: &mut Vec<Action>) {
+fn rollback(state: &mut State, reason: &str, now: Instant, out: &mut Vec<Action>) {
     let Some(r) = state.reload.take() else {
         return;
     };
@@ -596,7 +588,7 @@ fn tick(state: &mut State, now: Instant, out: &mut Vec<Action>) {
             log(
                 out,
                 Level::WARN,
-                tag(w),
+                Some(w.tag()),
                 format!(
                     "worker {} did not exit within {} of {}: killing it",
                     w.slot,
@@ -614,7 +606,7 @@ fn tick(state: &mut State, now: Instant, out: &mut Vec<Action>) {
             "worker {slot} was not ready within {}: killing it",
             human(state.cfg.ready_timeout)
         );
-        log(out, Level::WARN, tag(w), msg);
+        log(out, Level::WARN, Some(w.tag()), msg);
         kill_now(state, pid, READY_TIMEOUT, out);
         if state
             .reload
@@ -626,24 +618,23 @@ fn tick(state: &mut State, now: Instant, out: &mut Vec<Action>) {
                 "worker {slot} was not ready within {}",
                 human(state.cfg.ready_timeout)
             );
-            rollback(state, why, now, out);
+            rollback(state, &why, now, out);
         }
     }
     if let Phase::Stopping {
         force_at: Some(t),
         code,
     } = state.phase
+        && t <= now
     {
-        if t <= now {
-            let pids: Vec<Pid> = state.workers.iter().map(|w| w.pid).collect();
-            for pid in pids {
-                kill_now(state, pid, SHUTDOWN, out);
-            }
-            state.phase = Phase::Stopping {
-                force_at: None,
-                code,
-            };
+        let pids: Vec<Pid> = state.workers.iter().map(|w| w.pid).collect();
+        for pid in pids {
+            kill_now(state, pid, SHUTDOWN, out);
         }
+        state.phase = Phase::Stopping {
+            force_at: None,
+            code,
+        };
     }
     if !matches!(state.phase, Phase::Stopping { .. }) {
         for slot in 0..state.cfg.workers {

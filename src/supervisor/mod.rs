@@ -9,7 +9,6 @@ pub mod event;
 mod handle;
 pub mod state;
 
-use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -81,6 +80,11 @@ fn resolve_command(cmd: &OsString) -> Result<PathBuf> {
         let meta = std::fs::metadata(p).map_err(|e| e.to_string())?;
         if meta.is_dir() {
             return Err("is a directory".into());
+        }
+        // access(X_OK) succeeds for root whenever any execute bit is set, and for a file
+        // with none, execve fails even for root.
+        if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o111 == 0 {
+            return Err(std::io::Error::from_raw_os_error(nix::libc::EACCES).to_string());
         }
         nix::unistd::access(p, nix::unistd::AccessFlags::X_OK)
             .map_err(|e| std::io::Error::from(e).to_string())
@@ -329,24 +333,17 @@ impl Executor {
     }
 
     fn dispatch(&mut self, event: Event) {
-        let mut queue = VecDeque::from([event]);
-        while let Some(e) = queue.pop_front() {
-            let actions = handle(&mut self.state, e, Instant::now());
-            for a in actions {
-                self.execute(a, &mut queue);
-            }
+        for a in handle(&mut self.state, event, Instant::now()) {
+            self.execute(a);
         }
     }
 
-    fn execute(&mut self, action: Action, queue: &mut VecDeque<Event>) {
+    fn execute(&mut self, action: Action) {
         match action {
             Action::Spawn { slot, generation } => {
                 let e = self.spawn(slot, generation);
                 // The state machine expects the outcome before any other event.
-                let actions = handle(&mut self.state, e, Instant::now());
-                for a in actions {
-                    self.execute(a, queue);
-                }
+                self.dispatch(e);
             }
             Action::Kill { pid, signal, group } => {
                 let r = if group {
@@ -354,18 +351,18 @@ impl Executor {
                 } else {
                     kill(pid, signal)
                 };
-                if let Err(e) = r {
-                    if e != nix::Error::ESRCH {
-                        tracing::warn!("cannot send {} to {pid}: {e}", signal.as_str());
-                    }
+                if let Err(e) = r
+                    && e != nix::Error::ESRCH
+                {
+                    tracing::warn!("cannot send {} to {pid}: {e}", signal.as_str());
                 }
             }
             Action::Notify(msgs) => {
-                if let Err(e) = notify::send_upstream(&msgs) {
-                    if !self.upstream_failed {
-                        tracing::warn!("cannot notify the service manager: {e}");
-                        self.upstream_failed = true;
-                    }
+                if let Err(e) = notify::send_upstream(&msgs)
+                    && !self.upstream_failed
+                {
+                    tracing::warn!("cannot notify the service manager: {e}");
+                    self.upstream_failed = true;
                 }
             }
             Action::Log {
@@ -450,8 +447,15 @@ mod tests {
         let e = resolve_command(&"no-such-command-xyz".into()).unwrap_err();
         assert!(e.to_string().contains("no-such-command-xyz"));
         assert_eq!(e.exit_code(), crate::error::exit::CONFIG);
-        let e = resolve_command(&"/etc/hostname".into()).unwrap_err();
+        let dir = std::env::temp_dir().join(format!("clusterctl-resolve-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("not-executable");
+        std::fs::write(&file, "data").unwrap();
+        let e = resolve_command(&file.clone().into()).unwrap_err();
         assert!(e.to_string().contains("Permission denied"), "{e}");
+        let e = resolve_command(&dir.clone().into()).unwrap_err();
+        assert!(e.to_string().contains("directory"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
         let e = resolve_command(&"/nonexistent/x".into()).unwrap_err();
         assert!(e.to_string().contains("No such file"), "{e}");
     }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
-use super::event::{ExitKind, Ticket};
+use super::event::{ExitKind, Ticket, WorkerTag};
 use crate::config::{ReadyMode, RestartDelay};
 
 /// A slot is refilled with the minimum delay again once its worker stayed up this long.
@@ -192,6 +192,17 @@ impl State {
             _ => None,
         };
         workers.chain(slots).chain(phase).min()
+    }
+}
+
+impl Worker {
+    /// The fields that identify this worker in log entries.
+    pub fn tag(&self) -> WorkerTag {
+        WorkerTag {
+            slot: self.slot,
+            generation: self.generation,
+            pid: Some(self.pid),
+        }
     }
 }
 

@@ -1,1 +1,631 @@
+//! The state machine with a fake clock and fake pids: every path of start, crash, backoff,
+//! stop, reload, rollback, coalescing and rolling restart, including the exact datagrams
+//! sent upstream.
+
 use super::*;
+use crate::config::RestartDelay;
+use crate::supervisor::state::Config;
+
+const MS: Duration = Duration::from_millis(1);
+
+struct Sim {
+    st: State,
+    now: Instant,
+    next_pid: i32,
+    log: Vec<Action>,
+}
+
+fn cfg(workers: u32) -> Config {
+    Config {
+        workers,
+        ready: ReadyMode::Notify,
+        ready_timeout: Duration::from_secs(60),
+        restart: RestartDelay::default(),
+        stop_signal: Signal::SIGTERM,
+        stop_timeout: Duration::from_secs(30),
+    }
+}
+
+impl Sim {
+    fn new(cfg: Config) -> Sim {
+        let mut s = Sim {
+            st: State::new(cfg),
+            now: Instant::now(),
+            next_pid: 100,
+            log: Vec::new(),
+        };
+        s.ev(Event::Start);
+        s
+    }
+
+    /// Handles an event; Spawn actions succeed with fresh pids (like the executor does).
+    fn ev(&mut self, e: Event) -> Vec<Action> {
+        let mut all = Vec::new();
+        let mut queue = vec![e];
+        while let Some(e) = queue.pop() {
+            for a in handle(&mut self.st, e, self.now) {
+                if let Action::Spawn { slot, generation } = a {
+                    self.next_pid += 1;
+                    queue.insert(
+                        0,
+                        Event::Spawned {
+                            slot,
+                            generation,
+                            pid: Pid::from_raw(self.next_pid),
+                        },
+                    );
+                }
+                all.push(a);
+            }
+            self.check_invariants();
+        }
+        self.log.extend(all.iter().cloned());
+        all
+    }
+
+    fn advance(&mut self, d: Duration) -> Vec<Action> {
+        self.now += d;
+        self.ev(Event::Tick)
+    }
+
+    fn pids(&self, generation: u32) -> Vec<Pid> {
+        let mut v: Vec<_> = self
+            .st
+            .workers
+            .iter()
+            .filter(|w| w.generation == generation)
+            .map(|w| (w.slot, w.pid))
+            .collect();
+        v.sort();
+        v.into_iter().map(|(_, p)| p).collect()
+    }
+
+    fn ready(&mut self, pid: Pid) -> Vec<Action> {
+        let msg = NotifyMsg {
+            ready: true,
+            ..NotifyMsg::default()
+        };
+        self.ev(Event::Notify { pid, msg })
+    }
+
+    fn ready_gen(&mut self, generation: u32) -> Vec<Action> {
+        let mut all = Vec::new();
+        for p in self.pids(generation) {
+            all.extend(self.ready(p));
+        }
+        all
+    }
+
+    fn exit(&mut self, pid: Pid, code: i32) -> Vec<Action> {
+        self.ev(Event::Exited {
+            pid,
+            how: ExitKind::Code(code),
+        })
+    }
+
+    fn check_invariants(&self) {
+        let mut gens: Vec<u32> = self.st.workers.iter().map(|w| w.generation).collect();
+        gens.sort_unstable();
+        gens.dedup();
+        assert!(gens.len() <= 2, "more than two generations alive: {gens:?}");
+    }
+}
+
+fn spawns(a: &[Action]) -> Vec<(u32, u32)> {
+    a.iter()
+        .filter_map(|a| match a {
+            Action::Spawn { slot, generation } => Some((*slot, *generation)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn kills(a: &[Action]) -> Vec<(Pid, Signal, bool)> {
+    a.iter()
+        .filter_map(|a| match a {
+            Action::Kill { pid, signal, group } => Some((*pid, *signal, *group)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn upstream(a: &[Action]) -> Vec<Vec<Upstream>> {
+    a.iter()
+        .filter_map(|a| match a {
+            Action::Notify(m) => Some(m.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn has_upstream(a: &[Action], m: &Upstream) -> bool {
+    upstream(a).iter().any(|d| d.contains(m))
+}
+
+fn exit_code(a: &[Action]) -> Option<u8> {
+    a.iter().find_map(|a| match a {
+        Action::Exit { code } => Some(*code),
+        _ => None,
+    })
+}
+
+fn reload_results(a: &[Action]) -> Vec<(Vec<Ticket>, Result<u32, String>)> {
+    a.iter()
+        .filter_map(|a| match a {
+            Action::ReloadFinished { tickets, result } => Some((tickets.clone(), result.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn status(a: &[Action]) -> Option<String> {
+    upstream(a)
+        .into_iter()
+        .flatten()
+        .filter_map(|m| match m {
+            Upstream::Status(s) => Some(s),
+            _ => None,
+        })
+        .next_back()
+}
+
+#[test]
+fn start_spawns_all_and_is_ready_only_when_all_are() {
+    let mut s = Sim::new(cfg(3));
+    assert_eq!(spawns(&s.log), [(0, 1), (1, 1), (2, 1)]);
+    let p = s.pids(1);
+    let a = s.ready(p[0]);
+    assert!(!has_upstream(&a, &Upstream::Ready));
+    assert_eq!(status(&a).as_deref(), Some("starting: 1/3 workers ready"));
+    s.ready(p[1]);
+    let a = s.ready(p[2]);
+    assert!(has_upstream(&a, &Upstream::Ready));
+    assert_eq!(
+        status(&a).as_deref(),
+        Some("3/3 workers ready, generation 1")
+    );
+    assert_eq!(s.st.phase, Phase::Running);
+    // Nothing is armed once everybody is ready: the executor sleeps without a timeout.
+    assert_eq!(s.st.next_deadline(), None);
+    // READY=1 is sent exactly once.
+    let a = s.ready(p[2]);
+    assert!(!has_upstream(&a, &Upstream::Ready));
+}
+
+#[test]
+fn worker_status_text_is_kept_and_strangers_are_ignored() {
+    let mut s = Sim::new(cfg(1));
+    let p = s.pids(1)[0];
+    let msg = NotifyMsg {
+        status: Some("warming up".into()),
+        ..NotifyMsg::default()
+    };
+    s.ev(Event::Notify { pid: p, msg });
+    assert_eq!(
+        s.st.worker(p).unwrap().status.as_deref(),
+        Some("warming up")
+    );
+    let a = s.ready(Pid::from_raw(999_999));
+    assert!(a.is_empty() || status(&a).is_none());
+    assert_eq!(s.st.phase, Phase::Starting);
+}
+
+#[test]
+fn crashed_worker_is_replaced_in_its_slot_with_growing_backoff() {
+    let mut s = Sim::new(cfg(2));
+    s.ready_gen(1);
+    let mut expected = [100, 200, 400, 800];
+    for want in &mut expected {
+        let victim = s.pids(1)[1];
+        s.now += Duration::from_secs(1);
+        let a = s.exit(victim, 1);
+        assert!(status(&a).unwrap().starts_with("1/2 workers ready"));
+        assert!(spawns(&a).is_empty(), "refill waits for the backoff");
+        assert_eq!(s.st.next_deadline(), Some(s.now + *want * MS));
+        let a = s.advance((*want * MS).checked_sub(MS).unwrap());
+        assert!(spawns(&a).is_empty(), "not before the delay ({want}ms)");
+        let a = s.advance(MS);
+        assert_eq!(spawns(&a), [(1, 1)], "slot 1 refilled after {want}ms");
+        let new = s.pids(1)[1];
+        s.ready(new);
+    }
+    assert_eq!(s.st.slots[1].restarts, 4);
+    // A worker that stayed up past STABLE_AFTER resets the backoff to the minimum.
+    s.now += STABLE_AFTER;
+    let victim = s.pids(1)[1];
+    s.exit(victim, 1);
+    assert_eq!(s.st.next_deadline(), Some(s.now + 100 * MS));
+    // The backoff is capped at the maximum.
+    let mut s = Sim::new(Config {
+        restart: "1s..3s".parse().unwrap(),
+        ..cfg(1)
+    });
+    s.ready_gen(1);
+    for want in [1, 2, 3, 3] {
+        let victim = s.pids(1)[0];
+        s.exit(victim, 1);
+        assert_eq!(
+            s.st.next_deadline(),
+            Some(s.now + Duration::from_secs(want))
+        );
+        s.advance(Duration::from_secs(want));
+        let p = s.pids(1)[0];
+        s.ready(p);
+    }
+}
+
+#[test]
+fn crash_at_boot_gives_up_with_failure() {
+    let mut s = Sim::new(cfg(2));
+    let ok = s.pids(1)[0];
+    s.ready(ok);
+    for attempt in 1..=START_ATTEMPTS {
+        let bad = s.pids(1)[1];
+        let a = s.exit(bad, 3);
+        if attempt < START_ATTEMPTS {
+            s.advance(s.st.next_deadline().unwrap() - s.now);
+        } else {
+            assert!(has_upstream(&a, &Upstream::Stopping));
+            assert!(kills(&a).contains(&(ok, Signal::SIGTERM, false)));
+            let st = status(&a).unwrap();
+            assert!(
+                st.contains("failed to start 3 times") && st.contains("exit code 3"),
+                "{st}"
+            );
+        }
+    }
+    let a = s.exit(ok, 0);
+    assert_eq!(exit_code(&a), Some(exit::FAILURE));
+}
+
+#[test]
+fn unexecutable_command_is_a_configuration_error() {
+    let mut st = State::new(cfg(2));
+    let a = handle(&mut st, Event::Start, Instant::now());
+    assert_eq!(spawns(&a).len(), 2);
+    let a = handle(
+        &mut st,
+        Event::SpawnFailed {
+            slot: 0,
+            generation: 1,
+            error: "/x: No such file".into(),
+            permanent: true,
+        },
+        Instant::now(),
+    );
+    assert_eq!(exit_code(&a), Some(exit::CONFIG));
+}
+
+#[test]
+fn not_ready_in_time_is_killed_and_counts_as_failed_start() {
+    let mut s = Sim::new(Config {
+        ready_timeout: Duration::from_secs(5),
+        ..cfg(1)
+    });
+    let p = s.pids(1)[0];
+    let a = s.advance(Duration::from_secs(5));
+    assert_eq!(kills(&a), [(p, Signal::SIGKILL, true)]);
+    s.ev(Event::Exited {
+        pid: p,
+        how: ExitKind::Signal(9),
+    });
+    assert_eq!(s.st.slots[0].failed_starts, 1);
+    let a = s.advance(100 * MS);
+    assert_eq!(spawns(&a), [(0, 1)]);
+}
+
+#[test]
+fn ready_modes_exec_and_after() {
+    let s = Sim::new(Config {
+        ready: ReadyMode::Exec,
+        ..cfg(2)
+    });
+    assert_eq!(s.st.phase, Phase::Running);
+    assert!(has_upstream(&s.log, &Upstream::Ready));
+    let mut s = Sim::new(Config {
+        ready: ReadyMode::After(Duration::from_secs(2)),
+        ..cfg(2)
+    });
+    assert_eq!(s.st.phase, Phase::Starting);
+    let a = s.advance(Duration::from_secs(2));
+    assert!(has_upstream(&a, &Upstream::Ready));
+}
+
+#[test]
+fn stop_drains_then_kills_then_exits_zero() {
+    let mut s = Sim::new(cfg(2));
+    s.ready_gen(1);
+    let p = s.pids(1);
+    let a = s.ev(Event::Stop);
+    assert_eq!(upstream(&a)[0], [Upstream::Stopping]);
+    assert_eq!(
+        kills(&a),
+        [
+            (p[0], Signal::SIGTERM, false),
+            (p[1], Signal::SIGTERM, false)
+        ]
+    );
+    let a = s.exit(p[0], 0);
+    assert!(exit_code(&a).is_none());
+    assert!(spawns(&a).is_empty(), "no refill while stopping");
+    let a = s.advance(Duration::from_secs(30));
+    assert_eq!(kills(&a), [(p[1], Signal::SIGKILL, true)]);
+    assert_eq!(s.st.next_deadline(), None, "no deadline left to spin on");
+    let a = s.ev(Event::Exited {
+        pid: p[1],
+        how: ExitKind::Signal(9),
+    });
+    assert_eq!(exit_code(&a), Some(exit::OK));
+}
+
+#[test]
+fn second_stop_kills_at_once() {
+    let mut s = Sim::new(cfg(2));
+    s.ready_gen(1);
+    s.ev(Event::Stop);
+    let a = s.ev(Event::Stop);
+    assert_eq!(kills(&a).len(), 2);
+    assert!(kills(&a).iter().all(|k| k.1 == Signal::SIGKILL && k.2));
+}
+
+#[test]
+fn stop_with_no_workers_exits_immediately() {
+    let mut s = Sim::new(cfg(1));
+    let p = s.pids(1)[0];
+    s.exit(p, 1); // waiting for backoff, no worker alive
+    let a = s.ev(Event::Stop);
+    assert_eq!(exit_code(&a), Some(exit::OK));
+}
+
+#[test]
+fn surge_reload_starts_new_generation_and_drains_old_when_all_ready() {
+    let mut s = Sim::new(cfg(2));
+    s.ready_gen(1);
+    let old = s.pids(1);
+    let a = s.ev(Event::Reload { ticket: Some(7) });
+    // RELOADING=1 travels alone in its datagram (MONOTONIC_USEC is added when sent).
+    assert_eq!(upstream(&a)[0], [Upstream::Reloading]);
+    assert_eq!(spawns(&a), [(0, 2), (1, 2)]);
+    let new = s.pids(2);
+    let a = s.ready(new[0]);
+    assert!(
+        kills(&a).is_empty(),
+        "old generation serves until every new worker is ready"
+    );
+    let a = s.ready(new[1]);
+    assert_eq!(
+        kills(&a),
+        [
+            (old[0], Signal::SIGTERM, false),
+            (old[1], Signal::SIGTERM, false)
+        ]
+    );
+    assert!(has_upstream(&a, &Upstream::Ready));
+    assert_eq!(reload_results(&a), [(vec![7], Ok(2))]);
+    assert_eq!(
+        status(&a).as_deref(),
+        Some("2/2 workers ready, generation 2")
+    );
+    // Old workers exiting now is expected: no refill.
+    let a = s.exit(old[0], 0);
+    assert!(spawns(&a).is_empty());
+    // A crash in the new generation is refilled with the new generation.
+    s.exit(old[1], 0);
+    s.exit(new[1], 1);
+    let a = s.advance(100 * MS);
+    assert_eq!(spawns(&a), [(1, 2)]);
+}
+
+#[test]
+fn failed_new_generation_is_rolled_back() {
+    let mut s = Sim::new(cfg(2));
+    s.ready_gen(1);
+    let old = s.pids(1);
+    s.ev(Event::Reload { ticket: Some(1) });
+    let new = s.pids(2);
+    s.ready(new[0]);
+    let a = s.exit(new[1], 3);
+    assert_eq!(
+        kills(&a),
+        [(new[0], Signal::SIGTERM, false)],
+        "only the new generation stops"
+    );
+    let results = reload_results(&a);
+    assert_eq!(results.len(), 1);
+    let err = results[0].1.clone().unwrap_err();
+    assert!(
+        err.contains("generation 2") && err.contains("exit code 3"),
+        "{err}"
+    );
+    assert!(has_upstream(&a, &Upstream::Ready));
+    assert!(status(&a).unwrap().contains("failed"));
+    assert!(
+        s.st.workers
+            .iter()
+            .filter(|w| w.generation == 1)
+            .all(|w| matches!(w.phase, WorkerPhase::Ready { .. }))
+    );
+    assert_eq!(s.pids(1), old);
+    // The rolled-back worker exiting is not refilled; the old generation still serves.
+    let a = s.exit(new[0], 0);
+    assert!(spawns(&a).is_empty());
+    assert_eq!(s.st.generation, 1);
+    // A later reload gets a fresh generation number.
+    let a = s.ev(Event::Reload { ticket: None });
+    assert_eq!(spawns(&a), [(0, 3), (1, 3)]);
+}
+
+#[test]
+fn reload_rolls_back_when_new_worker_is_not_ready_in_time() {
+    let mut s = Sim::new(Config {
+        ready_timeout: Duration::from_secs(5),
+        ..cfg(1)
+    });
+    s.ready_gen(1);
+    s.ev(Event::Reload { ticket: Some(3) });
+    let new = s.pids(2)[0];
+    let a = s.advance(Duration::from_secs(5));
+    assert_eq!(kills(&a), [(new, Signal::SIGKILL, true)]);
+    assert!(
+        reload_results(&a)[0]
+            .1
+            .as_ref()
+            .unwrap_err()
+            .contains("not ready within 5s")
+    );
+    let a = s.ev(Event::Exited {
+        pid: new,
+        how: ExitKind::Signal(9),
+    });
+    assert!(spawns(&a).is_empty());
+}
+
+#[test]
+fn reloads_during_a_reload_are_coalesced_into_one() {
+    let mut s = Sim::new(cfg(2));
+    s.ready_gen(1);
+    s.ev(Event::Reload { ticket: Some(1) });
+    let a = s.ev(Event::Reload { ticket: Some(2) });
+    assert!(spawns(&a).is_empty());
+    s.ev(Event::Reload { ticket: Some(3) });
+    let a = s.ready_gen(2);
+    assert_eq!(reload_results(&a), [(vec![1], Ok(2))]);
+    assert!(
+        spawns(&a).is_empty(),
+        "waits until the old generation is gone"
+    );
+    for p in s.pids(1) {
+        s.exit(p, 0);
+    }
+    assert_eq!(s.st.reload.as_ref().map(|r| r.generation), Some(3));
+    let a = s.ready_gen(3);
+    assert_eq!(reload_results(&a), [(vec![2, 3], Ok(3))]);
+    for p in s.pids(2) {
+        s.exit(p, 0);
+    }
+    assert!(s.st.reload.is_none() && s.st.queued.is_none());
+}
+
+#[test]
+fn reload_before_first_generation_is_ready_waits() {
+    let mut s = Sim::new(cfg(1));
+    let a = s.ev(Event::Reload { ticket: Some(9) });
+    assert!(spawns(&a).is_empty());
+    let a = s.ready_gen(1);
+    assert_eq!(spawns(&a), [(0, 2)]);
+}
+
+#[test]
+fn stop_during_reload_fails_the_reload() {
+    let mut s = Sim::new(cfg(1));
+    s.ready_gen(1);
+    s.ev(Event::Reload { ticket: Some(4) });
+    let a = s.ev(Event::Stop);
+    assert_eq!(reload_results(&a)[0].0, [4]);
+    assert!(reload_results(&a)[0].1.is_err());
+    assert_eq!(kills(&a).len(), 2);
+}
+
+#[test]
+fn rolling_restart_replaces_one_slot_at_a_time() {
+    let mut s = Sim::new(cfg(3));
+    s.ready_gen(1);
+    let old = s.pids(1);
+    let a = s.ev(Event::RollingRestart { ticket: Some(5) });
+    assert_eq!(spawns(&a), [(0, 2)]);
+    for slot in 0..3 {
+        assert!(s.st.workers.len() <= 4, "at most N+1 workers");
+        let new = s.st.live_in(2, slot).unwrap().pid;
+        let a = s.ready(new);
+        assert_eq!(kills(&a), [(old[slot as usize], Signal::SIGTERM, false)]);
+        assert!(
+            spawns(&a).is_empty(),
+            "next slot only after the old worker is gone"
+        );
+        let a = s.exit(old[slot as usize], 0);
+        if slot < 2 {
+            assert_eq!(spawns(&a), [(slot + 1, 2)]);
+        } else {
+            assert_eq!(reload_results(&a), [(vec![5], Ok(2))]);
+            assert!(has_upstream(&a, &Upstream::Ready));
+        }
+    }
+    assert_eq!(s.st.generation, 2);
+}
+
+#[test]
+fn failed_rolling_restart_stops_and_keeps_the_old_worker() {
+    let mut s = Sim::new(cfg(2));
+    s.ready_gen(1);
+    let old = s.pids(1);
+    s.ev(Event::RollingRestart { ticket: None });
+    let n0 = s.st.live_in(2, 0).unwrap().pid;
+    s.ready(n0);
+    s.exit(old[0], 0);
+    let n1 = s.st.live_in(2, 1).unwrap().pid;
+    let a = s.exit(n1, 1);
+    assert!(reload_results(&a)[0].1.is_err());
+    assert!(s.st.live_in(1, 1).is_some(), "slot 1 keeps its old worker");
+    assert!(
+        s.st.live_in(2, 0).is_some(),
+        "slot 0 keeps its healthy new worker"
+    );
+    // The old worker of slot 1 is still refilled as generation 1 if it crashes.
+    s.exit(old[1], 1);
+    let a = s.advance(100 * MS);
+    assert_eq!(spawns(&a), [(1, 1)]);
+}
+
+#[test]
+fn spawn_result_for_a_rolled_back_generation_is_killed() {
+    let mut st = State::new(cfg(2));
+    let t = Instant::now();
+    handle(&mut st, Event::Start, t);
+    for (slot, pid) in [(0, 10), (1, 11)] {
+        handle(
+            &mut st,
+            Event::Spawned {
+                slot,
+                generation: 1,
+                pid: Pid::from_raw(pid),
+            },
+            t,
+        );
+    }
+    for pid in [10, 11] {
+        handle(
+            &mut st,
+            Event::Notify {
+                pid: Pid::from_raw(pid),
+                msg: NotifyMsg {
+                    ready: true,
+                    ..NotifyMsg::default()
+                },
+            },
+            t,
+        );
+    }
+    let a = handle(&mut st, Event::Reload { ticket: None }, t);
+    assert_eq!(spawns(&a), [(0, 2), (1, 2)]);
+    // The first new spawn fails: rollback. The second Spawn of the batch still runs.
+    handle(
+        &mut st,
+        Event::SpawnFailed {
+            slot: 0,
+            generation: 2,
+            error: "boom".into(),
+            permanent: false,
+        },
+        t,
+    );
+    let a = handle(
+        &mut st,
+        Event::Spawned {
+            slot: 1,
+            generation: 2,
+            pid: Pid::from_raw(12),
+        },
+        t,
+    );
+    assert_eq!(kills(&a), [(Pid::from_raw(12), Signal::SIGKILL, true)]);
+}
