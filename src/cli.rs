@@ -5,6 +5,7 @@
 //! is spelled the same in both and `gen-units` can always render it into `ExecStart=`.
 
 use std::ffi::OsString;
+use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -32,6 +33,123 @@ pub enum Command {
     /// Render APP.socket and APP.service for this command
     #[command(name = "gen-units", after_help = crate::units::GEN_UNITS_EXAMPLES)]
     GenUnits(crate::units::GenUnitsArgs),
+    /// Start a new worker generation on the same sockets, then drain the old one
+    #[command(after_help = RELOAD_EXAMPLES)]
+    Reload(ReloadArgs),
+    /// Restart all workers: `--rolling` replaces one slot at a time (new before old)
+    #[command(after_help = RESTART_EXAMPLES)]
+    Restart(RestartArgs),
+    /// Show the supervisor, its sockets and a table of its workers
+    #[command(after_help = STATUS_EXAMPLES)]
+    Status(StatusArgs),
+    /// Change the number of workers of a running supervisor
+    #[command(after_help = SCALE_EXAMPLES)]
+    Scale(ScaleArgs),
+}
+
+const RELOAD_EXAMPLES: &str = "Examples:
+  clusterctl reload myapp                 # ask and return at once (like SIGHUP)
+  clusterctl reload --wait myapp          # wait; exit 0 if the new generation serves,
+                                          # 1 if it failed and was rolled back
+  clusterctl reload --wait --control /run/myapp/control.sock
+
+A reload asked for while one runs is coalesced into one more reload after it.";
+
+const RESTART_EXAMPLES: &str = "Examples:
+  clusterctl restart --rolling --wait myapp   # one slot at a time, at most N+1 workers
+  kill -USR2 $(systemctl show -P MainPID myapp)   # the same, by signal";
+
+const STATUS_EXAMPLES: &str = "Examples:
+  clusterctl status myapp
+  clusterctl status --json myapp | jq '.workers[] | {slot, pid, state}'
+  kill -USR1 $(systemctl show -P MainPID myapp)   # the same table into the journal";
+
+const SCALE_EXAMPLES: &str = "Examples:
+  clusterctl scale myapp 8
+  kill -TTIN $(systemctl show -P MainPID myapp)   # one more worker
+  kill -TTOU $(systemctl show -P MainPID myapp)   # one fewer (the highest slot drains)
+
+The new count lasts until the supervisor restarts; then the unit's --workers stands.";
+
+/// How to find a running supervisor.
+#[derive(Debug, Clone, Args)]
+pub struct Target {
+    /// The unit name: its control socket is /run/APP/control.sock
+    /// (or $XDG_RUNTIME_DIR/APP/control.sock for user units)
+    #[arg(value_name = "APP")]
+    pub app: Option<String>,
+    /// The control socket's path (`clusterctl run --control PATH`)
+    #[arg(long, value_name = "PATH", conflicts_with = "app")]
+    pub control: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReloadArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// Wait until the reload finished; exit non-zero if it failed (for ExecReload=)
+    #[arg(long)]
+    pub wait: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RestartArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// Replace one slot at a time instead of a whole generation at once
+    #[arg(long)]
+    pub rolling: bool,
+    /// Wait until the restart finished; exit non-zero if it failed
+    #[arg(long)]
+    pub wait: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// Machine-readable output (stable schema, see README)
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ScaleArgs {
+    /// The control socket's path (instead of APP)
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+    /// `APP N` (the unit name and the new number of workers), or just `N` with --control
+    #[arg(value_name = "APP N", num_args = 1..=2, required = true)]
+    pub args: Vec<String>,
+}
+
+impl ScaleArgs {
+    /// Splits the positionals into the target and the worker count.
+    pub fn split(&self) -> Result<(Target, Workers), String> {
+        let (app, n) = match (self.args.as_slice(), &self.control) {
+            ([n], Some(_)) => (None, n),
+            ([app, n], None) => (Some(app.clone()), n),
+            ([_], None) => {
+                return Err("give the unit name and the count: `clusterctl scale APP N`".into());
+            }
+            _ => return Err("give either APP or --control PATH, then N".into()),
+        };
+        Ok((
+            Target {
+                app,
+                control: self.control.clone(),
+            },
+            n.parse()?,
+        ))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReloadStrategy {
+    /// Start a complete new generation, then drain the old one (2N workers briefly)
+    Surge,
+    /// Replace one slot at a time, new before old (at most N+1 workers)
+    Rolling,
 }
 
 const RUN_EXAMPLES: &str = "Examples:
@@ -73,6 +191,15 @@ pub struct SupervisorOpts {
     /// How long stopping workers may drain before they are killed
     #[arg(long, value_name = "DUR", default_value = "30s")]
     pub stop_timeout: Dur,
+
+    /// How SIGHUP / `clusterctl reload` replace the workers
+    #[arg(long, value_enum, value_name = "STRATEGY", default_value = "surge")]
+    pub reload_strategy: ReloadStrategy,
+
+    /// Workers get WATCHDOG_USEC and must send WATCHDOG=1 this often; a silent worker gets
+    /// SIGABRT, then SIGKILL, and is replaced
+    #[arg(long, value_name = "DUR")]
+    pub worker_watchdog: Option<Dur>,
 }
 
 impl SupervisorOpts {
@@ -112,6 +239,14 @@ impl SupervisorOpts {
             self.stop_timeout.to_string(),
             defaults.stop_timeout.to_string(),
         );
+        if self.reload_strategy == ReloadStrategy::Rolling {
+            out.push("--reload-strategy".into());
+            out.push("rolling".into());
+        }
+        if let Some(wd) = self.worker_watchdog {
+            out.push("--worker-watchdog".into());
+            out.push(wd.to_string());
+        }
         out
     }
 }
@@ -151,6 +286,14 @@ pub struct RunArgs {
 
     #[command(flatten)]
     pub opts: SupervisorOpts,
+
+    /// Control socket for `clusterctl reload/status/scale` [default: $RUNTIME_DIRECTORY/control.sock]
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+
+    /// Write the supervisor's pid here (for use without systemd); removed on exit
+    #[arg(long, value_name = "PATH")]
+    pub pidfile: Option<PathBuf>,
 
     /// Where clusterctl's own log goes
     #[arg(long, value_enum, value_name = "TARGET", default_value = "auto")]

@@ -5,10 +5,12 @@
 
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod log;
 pub mod notify;
 pub mod sockets;
+pub mod status;
 pub mod supervisor;
 mod sys;
 pub mod units;
@@ -38,6 +40,25 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> u8 {
             Err(e) => Err(e),
         },
         Command::GenUnits(args) => units::gen_units(&args),
+        Command::Reload(a) => ctl(
+            &a.target,
+            &control::Request::Reload {
+                rolling: false,
+                wait: a.wait,
+            },
+        ),
+        Command::Restart(a) => ctl(
+            &a.target,
+            &control::Request::Reload {
+                rolling: a.rolling,
+                wait: a.wait,
+            },
+        ),
+        Command::Status(a) => ctl(&a.target, &control::Request::Status { json: a.json }),
+        Command::Scale(a) => match a.split() {
+            Ok((target, n)) => ctl(&target, &control::Request::Scale(n.resolve())),
+            Err(e) => Err(error::Error::config(e)),
+        },
     };
     match result {
         Ok(()) => exit::OK,
@@ -46,4 +67,18 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> u8 {
             e.exit_code()
         }
     }
+}
+
+/// Sends one request to a running supervisor and prints its answer.
+fn ctl(target: &cli::Target, request: &control::Request) -> error::Result<()> {
+    let path = control::locate(target.app.as_deref(), target.control.as_deref())?;
+    let waits = matches!(request, control::Request::Reload { wait: true, .. });
+    // Reloads may take as long as the workers' ready timeout; anything else is instant.
+    let timeout = (!waits).then(|| std::time::Duration::from_secs(10));
+    let answer = control::call(&path, request, timeout)?;
+    let answer = answer.trim_end();
+    if !answer.is_empty() {
+        println!("{answer}");
+    }
+    Ok(())
 }

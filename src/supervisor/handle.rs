@@ -25,6 +25,8 @@ const SHUTDOWN: &str = "supervisor stopping";
 const READY_TIMEOUT: &str = "not ready in time";
 const ROLLED_BACK: &str = "its generation was rolled back";
 const UNWANTED: &str = "not wanted any more";
+const WATCHDOG: &str = "missed its watchdog";
+const SCALED_DOWN: &str = "scaled down";
 
 /// Applies one event at time `now` and returns what to do, in order.
 pub fn handle(state: &mut State, event: Event, now: Instant) -> Vec<Action> {
@@ -54,6 +56,7 @@ pub fn handle(state: &mut State, event: Event, now: Instant) -> Vec<Action> {
         Event::Stop => stop(state, exit::OK, now, &mut out),
         Event::Reload { ticket } => request_reload(state, false, ticket, &mut out),
         Event::RollingRestart { ticket } => request_reload(state, true, ticket, &mut out),
+        Event::Scale { workers } => scale(state, workers, now, &mut out),
         Event::Tick => tick(state, now, &mut out),
     }
     settle(state, now, &mut out);
@@ -117,6 +120,7 @@ fn spawned(
         status: None,
         was_ready: matches!(phase, WorkerPhase::Ready { .. }),
         stop_reason: (!wanted).then_some(UNWANTED),
+        last_ping: None,
     };
     log(
         out,
@@ -253,7 +257,8 @@ fn exited(state: &mut State, pid: Pid, how: ExitKind, now: Instant, out: &mut Ve
         state.slots[w.slot as usize].last_exit = Some(how);
     }
     let expected = matches!(w.phase, WorkerPhase::Draining { .. } | WorkerPhase::Killed);
-    if expected && w.stop_reason != Some(READY_TIMEOUT) {
+    let failed = matches!(w.stop_reason, Some(READY_TIMEOUT | WATCHDOG));
+    if expected && !failed {
         log(
             out,
             Level::INFO,
@@ -269,6 +274,8 @@ fn exited(state: &mut State, pid: Pid, how: ExitKind, now: Instant, out: &mut Ve
     }
     let why = if w.stop_reason == Some(READY_TIMEOUT) {
         format!("was not ready within {}", human(state.cfg.ready_timeout))
+    } else if w.stop_reason == Some(WATCHDOG) {
+        format!("ended ({how}) after missing its watchdog")
     } else if w.was_ready {
         format!("exited unexpectedly ({how}) after {}", human(uptime))
     } else {
@@ -316,8 +323,77 @@ fn notified(state: &mut State, pid: Pid, msg: &NotifyMsg, now: Instant, out: &mu
     if let Some(s) = &msg.status {
         w.status = Some(s.clone());
     }
+    if msg.watchdog {
+        w.last_ping = Some(now);
+    }
     if msg.ready && matches!(w.phase, WorkerPhase::Starting { .. }) {
         mark_ready(state, pid, now, out);
+    }
+    if msg.watchdog_trigger && state.cfg.worker_watchdog.is_some() {
+        watchdog_miss(state, pid, "it sent WATCHDOG=trigger", now, out);
+    }
+}
+
+/// A worker missed its watchdog: SIGABRT (for a core dump), SIGKILL after stop-timeout,
+/// and it is replaced like a crashed worker.
+fn watchdog_miss(state: &mut State, pid: Pid, why: &str, now: Instant, out: &mut Vec<Action>) {
+    let timeout = state.cfg.stop_timeout;
+    let Some(w) = state.worker_mut(pid) else {
+        return;
+    };
+    if !matches!(w.phase, WorkerPhase::Ready { .. }) {
+        return;
+    }
+    w.phase = WorkerPhase::Draining {
+        kill_at: now + timeout,
+    };
+    w.stop_reason = Some(WATCHDOG);
+    let msg = format!(
+        "worker {} missed its watchdog ({why}): sending SIGABRT",
+        w.slot
+    );
+    log(out, Level::WARN, Some(w.tag()), msg);
+    out.push(Action::Kill {
+        pid,
+        signal: Signal::SIGABRT,
+        group: false,
+    });
+}
+
+/// Changes the number of workers: new slots start at once; the highest slots are drained.
+fn scale(state: &mut State, workers: u32, now: Instant, out: &mut Vec<Action>) {
+    let old = state.cfg.workers;
+    if workers == 0 || workers == old || matches!(state.phase, Phase::Stopping { .. }) {
+        return;
+    }
+    log(
+        out,
+        Level::INFO,
+        None,
+        format!("scaling from {old} to {workers} workers"),
+    );
+    state.cfg.workers = workers;
+    if workers > old {
+        for slot in old..workers {
+            let mut s = super::state::Slot::new(&state.cfg);
+            s.generation = state.generation;
+            state.slots.push(s);
+            out.push(Action::Spawn {
+                slot,
+                generation: state.generation,
+            });
+        }
+    } else {
+        state.slots.truncate(workers as usize);
+        let pids: Vec<Pid> = state
+            .workers
+            .iter()
+            .filter(|w| w.slot >= workers)
+            .map(|w| w.pid)
+            .collect();
+        for pid in pids {
+            drain(state, pid, SCALED_DOWN, now, out);
+        }
     }
 }
 
@@ -327,6 +403,7 @@ fn mark_ready(state: &mut State, pid: Pid, now: Instant, out: &mut Vec<Action>) 
     };
     w.phase = WorkerPhase::Ready { since: now };
     w.was_ready = true;
+    w.last_ping = Some(now);
     let took = now.saturating_duration_since(w.started);
     let (slot, generation) = (w.slot, w.generation);
     let t = Some(w.tag());
@@ -527,7 +604,11 @@ fn rollback(state: &mut State, reason: &str, now: Instant, out: &mut Vec<Action>
         .workers
         .iter()
         .filter(|w| {
-            w.generation == r.generation && state.slots[w.slot as usize].generation != r.generation
+            w.generation == r.generation
+                && state
+                    .slots
+                    .get(w.slot as usize)
+                    .is_none_or(|s| s.generation != r.generation)
         })
         .map(|w| w.pid)
         .collect();
@@ -570,7 +651,15 @@ fn tick(state: &mut State, now: Instant, out: &mut Vec<Action>) {
     let mut became_ready = Vec::new();
     let mut timed_out = Vec::new();
     let mut overdue = Vec::new();
+    let mut missed = Vec::new();
     for w in &state.workers {
+        if let (WorkerPhase::Ready { .. }, Some(wd), Some(p)) =
+            (w.phase, state.cfg.worker_watchdog, w.last_ping)
+        {
+            if p + wd <= now {
+                missed.push((w.pid, now.saturating_duration_since(p)));
+            }
+        }
         match w.phase {
             WorkerPhase::Starting {
                 ready_at: Some(r), ..
@@ -582,6 +671,15 @@ fn tick(state: &mut State, now: Instant, out: &mut Vec<Action>) {
     }
     for pid in became_ready {
         mark_ready(state, pid, now, out);
+    }
+    for (pid, silent) in missed {
+        watchdog_miss(
+            state,
+            pid,
+            &format!("no WATCHDOG=1 for {}", human(silent)),
+            now,
+            out,
+        );
     }
     for pid in overdue {
         if let Some(w) = state.worker(pid) {

@@ -12,7 +12,7 @@ pub mod state;
 use std::ffi::OsString;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, killpg, sigprocmask};
@@ -24,8 +24,9 @@ use self::event::{Action, Event, ExitKind};
 pub use self::handle::handle;
 use self::state::{Config, State};
 use crate::cli::RunArgs;
+use crate::control::{ControlSocket, Request};
 use crate::error::{Context, Error, Result};
-use crate::notify::{self, NotifySocket};
+use crate::notify::{self, NotifySocket, Upstream};
 use crate::sockets::{self, Listeners};
 use crate::sys;
 
@@ -48,8 +49,17 @@ const SIGNALS: &[Signal] = &[
     Signal::SIGTERM,
     Signal::SIGINT,
     Signal::SIGHUP,
+    Signal::SIGUSR1,
     Signal::SIGUSR2,
+    Signal::SIGTTIN,
+    Signal::SIGTTOU,
 ];
+
+/// While a reload runs, systemd's reload timeout is pushed out by this much, this often,
+/// for as long as the reload is still within `--ready-timeout` (plus a draining old
+/// generation's `--stop-timeout`, for a coalesced reload).
+const EXTEND_EVERY: Duration = Duration::from_secs(5);
+const EXTEND_BY: Duration = Duration::from_secs(15);
 
 /// Runs the supervisor until it is stopped; returns the exit code.
 pub fn run(args: RunArgs) -> Result<u8> {
@@ -68,9 +78,84 @@ pub fn run(args: RunArgs) -> Result<u8> {
         restart: args.opts.restart_delay,
         stop_signal: args.opts.stop_signal.0,
         stop_timeout: args.opts.stop_timeout.0,
+        worker_watchdog: args.opts.worker_watchdog.map(|d| d.0),
     };
-    let mut sup = Executor::new(cfg, listeners, program, args.command)?;
-    sup.run()
+    if cfg
+        .worker_watchdog
+        .is_some_and(|d| d < Duration::from_millis(10))
+    {
+        return Err(Error::config("--worker-watchdog must be at least 10ms"));
+    }
+    let pidfile = args.pidfile.as_deref().map(Pidfile::create).transpose()?;
+    let control_path = args.control.clone().or_else(ControlSocket::default_path);
+    let control = control_path
+        .as_deref()
+        .map(ControlSocket::bind)
+        .transpose()?;
+    let rolling = args.opts.reload_strategy == crate::cli::ReloadStrategy::Rolling;
+    let mut sup = Executor::new(cfg, listeners, program, args.command, control, rolling)?;
+    let code = sup.run();
+    drop(pidfile);
+    code
+}
+
+/// `--pidfile`: created exclusively; a stale one (its pid is dead) is replaced; removed on
+/// drop.
+#[derive(Debug)]
+struct Pidfile(PathBuf);
+
+impl Pidfile {
+    fn create(path: &Path) -> Result<Pidfile> {
+        use std::io::Write;
+        for _ in 0..2 {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+            {
+                Ok(mut f) => {
+                    writeln!(f, "{}", std::process::id())
+                        .context(|| format!("cannot write pidfile {}", path.display()))?;
+                    return Ok(Pidfile(path.to_path_buf()));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let text = std::fs::read_to_string(path).unwrap_or_default();
+                    let alive = text
+                        .trim()
+                        .parse::<i32>()
+                        .ok()
+                        .filter(|p| *p > 0)
+                        .is_some_and(|p| kill(Pid::from_raw(p), None) != Err(nix::Error::ESRCH));
+                    if alive {
+                        return Err(Error::config(format!(
+                            "pidfile {} names pid {}, which is running: is another supervisor using it?",
+                            path.display(),
+                            text.trim()
+                        )));
+                    }
+                    tracing::warn!(
+                        "replacing stale pidfile {} (pid {:?} is gone)",
+                        path.display(),
+                        text.trim()
+                    );
+                    let _ = std::fs::remove_file(path);
+                }
+                Err(e) => {
+                    return Err(e).context(|| format!("cannot create pidfile {}", path.display()));
+                }
+            }
+        }
+        Err(Error::Failed(format!(
+            "cannot create pidfile {}: it keeps reappearing",
+            path.display()
+        )))
+    }
+}
+
+impl Drop for Pidfile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Finds the worker program now, so that a typo is a clear configuration error at start.
@@ -122,6 +207,17 @@ struct Executor {
     /// Noise from strangers and garbage datagrams: logged up to a limit.
     complaints: u32,
     upstream_failed: bool,
+    control: Option<ControlSocket>,
+    /// Clients waiting for a reload's outcome (`reload --wait`), by ticket.
+    waiting: Vec<(event::Ticket, std::os::unix::net::UnixStream)>,
+    next_ticket: event::Ticket,
+    /// `--reload-strategy rolling`: SIGHUP and `reload` replace one slot at a time.
+    rolling: bool,
+    /// systemd's watchdog (WatchdogSec=): ping every half interval.
+    watchdog: Option<Duration>,
+    next_ping: Option<Instant>,
+    next_extend: Option<Instant>,
+    started: Instant,
 }
 
 impl Executor {
@@ -130,6 +226,8 @@ impl Executor {
         listeners: Listeners,
         program: PathBuf,
         argv: Vec<OsString>,
+        control: Option<ControlSocket>,
+        rolling: bool,
     ) -> Result<Executor> {
         let mut mask = SigSet::empty();
         for s in SIGNALS {
@@ -152,7 +250,9 @@ impl Executor {
         base_env.push(("LISTEN_FDS".into(), listeners.len().to_string().into()));
         base_env.push(("LISTEN_FDNAMES".into(), listeners.names.join(":").into()));
         base_env.push(("NOTIFY_SOCKET".into(), notify.path().into()));
-        base_env.push(("CLUSTER_WORKERS".into(), cfg.workers.to_string().into()));
+        if let Some(wd) = cfg.worker_watchdog {
+            base_env.push(("WATCHDOG_USEC".into(), wd.as_micros().to_string().into()));
+        }
         tracing::info!(
             "supervisor pid {} starting {} worker(s) of {} on {}",
             std::process::id(),
@@ -166,6 +266,11 @@ impl Executor {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        if let Some(c) = &control {
+            tracing::info!("control socket {}", c.path().display());
+        }
+        let watchdog = watchdog_interval();
+        let now = Instant::now();
         Ok(Executor {
             state: State::new(cfg),
             listeners,
@@ -178,6 +283,14 @@ impl Executor {
             exit: None,
             complaints: 0,
             upstream_failed: false,
+            control,
+            waiting: Vec::new(),
+            next_ticket: 1,
+            rolling,
+            watchdog,
+            next_ping: watchdog.map(|_| now),
+            next_extend: None,
+            started: now,
         })
     }
 
@@ -197,7 +310,12 @@ impl Executor {
 
     /// Sleeps until something happens or the next deadline; returns the events.
     fn wait(&mut self) -> Result<Vec<Event>> {
-        let timeout = match self.state.next_deadline() {
+        self.housekeeping();
+        let deadline = [self.state.next_deadline(), self.next_ping, self.next_extend]
+            .into_iter()
+            .flatten()
+            .min();
+        let timeout = match deadline {
             None => PollTimeout::NONE,
             Some(t) => {
                 let d = t.saturating_duration_since(Instant::now());
@@ -206,18 +324,20 @@ impl Executor {
                 PollTimeout::try_from(ms.min(i32::MAX as u128)).unwrap_or(PollTimeout::MAX)
             }
         };
-        let (sig_ready, notify_ready) = {
-            let notify_fd = self.notify.as_fd();
-            let mut fds = [
+        let (sig_ready, notify_ready, control_ready) = {
+            let mut fds = vec![
                 PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
-                PollFd::new(notify_fd, PollFlags::POLLIN),
+                PollFd::new(self.notify.as_fd(), PollFlags::POLLIN),
             ];
+            if let Some(c) = &self.control {
+                fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
+            }
             match poll(&mut fds, timeout) {
                 Ok(_) | Err(nix::Error::EINTR) => {}
                 Err(e) => return Err(e).context(|| "poll failed".into()),
             }
-            let r = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
-            (r(&fds[0]), r(&fds[1]))
+            let r = |f: Option<&PollFd>| f.and_then(PollFd::revents).is_some_and(|r| !r.is_empty());
+            (r(fds.first()), r(fds.get(1)), r(fds.get(2)))
         };
         let mut events = Vec::new();
         if sig_ready {
@@ -226,8 +346,97 @@ impl Executor {
         if notify_ready {
             self.read_notify(&mut events);
         }
+        if control_ready {
+            self.read_control(&mut events);
+        }
         events.push(Event::Tick);
         Ok(events)
+    }
+
+    /// Pings systemd's watchdog and extends its reload timeout when due.
+    fn housekeeping(&mut self) {
+        let now = Instant::now();
+        if let (Some(interval), Some(at)) = (self.watchdog, self.next_ping) {
+            if at <= now {
+                self.execute(Action::Notify(vec![Upstream::Watchdog]));
+                self.next_ping = Some(now + interval / 2);
+            }
+        }
+        match &self.state.reload {
+            Some(r) => {
+                let limit = r.started + self.state.cfg.ready_timeout + self.state.cfg.stop_timeout;
+                let due = self.next_extend.is_none_or(|t| t <= now);
+                if due && now < limit {
+                    self.execute(Action::Notify(vec![Upstream::ExtendTimeout(EXTEND_BY)]));
+                    self.next_extend = Some(now + EXTEND_EVERY);
+                } else if now >= limit {
+                    self.next_extend = None;
+                }
+            }
+            None => self.next_extend = None,
+        }
+    }
+
+    fn read_control(&mut self, events: &mut Vec<Event>) {
+        let Some(control) = &self.control else { return };
+        let Some((stream, request)) = control.accept() else {
+            return;
+        };
+        let request = match request {
+            Ok(r) => r,
+            Err(e) => return crate::control::answer(stream, Err(e)),
+        };
+        match request {
+            Request::Status { json } => {
+                let sockets = self
+                    .listeners
+                    .names
+                    .iter()
+                    .cloned()
+                    .zip(self.listeners.addresses.iter().cloned())
+                    .collect();
+                let report =
+                    crate::status::report(&self.state, sockets, self.started, Instant::now());
+                let text = if json {
+                    report.json()
+                } else {
+                    format!("\n{}", report.text())
+                };
+                crate::control::answer(stream, Ok(text));
+            }
+            Request::Scale(n) => {
+                if self.state.reload.is_some() {
+                    crate::control::answer(
+                        stream,
+                        Err("a reload is in progress; scale again when it finished".into()),
+                    );
+                } else if n == 0 || n > crate::config::MAX_WORKERS {
+                    crate::control::answer(stream, Err(format!("cannot scale to {n} workers")));
+                } else {
+                    crate::control::answer(stream, Ok(format!("scaling to {n} workers")));
+                    events.push(Event::Scale { workers: n });
+                }
+            }
+            Request::Reload { rolling, wait } => {
+                let ticket = self.next_ticket;
+                self.next_ticket += 1;
+                if wait {
+                    self.waiting.push((ticket, stream));
+                } else {
+                    crate::control::answer(stream, Ok("reload requested".into()));
+                }
+                let rolling = rolling || self.rolling;
+                events.push(if rolling {
+                    Event::RollingRestart {
+                        ticket: Some(ticket),
+                    }
+                } else {
+                    Event::Reload {
+                        ticket: Some(ticket),
+                    }
+                });
+            }
+        }
     }
 
     fn read_signals(&mut self, events: &mut Vec<Event>) {
@@ -243,7 +452,41 @@ impl Executor {
                 }
                 Signal::SIGHUP => {
                     tracing::info!("received SIGHUP: reloading");
-                    events.push(Event::Reload { ticket: None });
+                    events.push(if self.rolling {
+                        Event::RollingRestart { ticket: None }
+                    } else {
+                        Event::Reload { ticket: None }
+                    });
+                }
+                Signal::SIGUSR1 => {
+                    let sockets = self
+                        .listeners
+                        .names
+                        .iter()
+                        .cloned()
+                        .zip(self.listeners.addresses.iter().cloned())
+                        .collect();
+                    let report =
+                        crate::status::report(&self.state, sockets, self.started, Instant::now());
+                    for line in report.text().lines() {
+                        tracing::info!("stats: {line}");
+                    }
+                }
+                Signal::SIGTTIN | Signal::SIGTTOU => {
+                    let n = self.state.cfg.workers;
+                    let n = if sig == Signal::SIGTTIN {
+                        n + 1
+                    } else {
+                        n.saturating_sub(1)
+                    };
+                    if n == 0 || n > crate::config::MAX_WORKERS || self.state.reload.is_some() {
+                        tracing::warn!(
+                            "ignoring {}: cannot scale to {n} workers now",
+                            sig.as_str()
+                        );
+                    } else {
+                        events.push(Event::Scale { workers: n });
+                    }
                 }
                 Signal::SIGUSR2 => {
                     tracing::info!("received SIGUSR2: rolling restart");
@@ -370,7 +613,15 @@ impl Executor {
                 worker,
                 message,
             } => crate::log::event(level, worker, &message),
-            Action::ReloadFinished { .. } => {}
+            Action::ReloadFinished { tickets, result } => {
+                for t in tickets {
+                    if let Some(i) = self.waiting.iter().position(|(w, _)| *w == t) {
+                        let (_, stream) = self.waiting.swap_remove(i);
+                        let answer = result.clone().map(|g| format!("generation {g} serving"));
+                        crate::control::answer(stream, answer);
+                    }
+                }
+            }
             Action::Exit { code } => {
                 if code == 0 {
                     tracing::info!("all workers stopped; exiting");
@@ -384,11 +635,20 @@ impl Executor {
         let mut env = self.base_env.clone();
         env.push(("WORKER_ID".into(), slot.to_string().into()));
         env.push(("CLUSTER_GENERATION".into(), generation.to_string().into()));
+        env.push((
+            "CLUSTER_WORKERS".into(),
+            self.state.cfg.workers.to_string().into(),
+        ));
+        let pid_keys: &[&str] = if self.state.cfg.worker_watchdog.is_some() {
+            &["LISTEN_PID", "WATCHDOG_PID"]
+        } else {
+            &["LISTEN_PID"]
+        };
         let plan = sys::ExecPlan::new(
             &self.program,
             &self.argv,
             &env,
-            &["LISTEN_PID"],
+            pid_keys,
             self.listeners.len(),
             &self.devnull,
         );
@@ -418,6 +678,17 @@ impl Executor {
             }
         }
     }
+}
+
+/// systemd's watchdog interval for us (`WATCHDOG_USEC`, when `WATCHDOG_PID` is unset or ours).
+fn watchdog_interval() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.parse::<u32>().ok()? != std::process::id() {
+            return None;
+        }
+    }
+    (usec > 0).then(|| Duration::from_micros(usec))
 }
 
 /// The process group id from the contents of `/proc/PID/stat`.

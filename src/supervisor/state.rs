@@ -27,6 +27,8 @@ pub struct Config {
     pub restart: RestartDelay,
     pub stop_signal: Signal,
     pub stop_timeout: Duration,
+    /// `--worker-watchdog`: a ready worker must send `WATCHDOG=1` at least this often.
+    pub worker_watchdog: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,6 +63,8 @@ pub struct Worker {
     pub was_ready: bool,
     /// Why it is being stopped, if it is (used to word the exit log line).
     pub stop_reason: Option<&'static str>,
+    /// The last `WATCHDOG=1` (or the moment it became ready), with `--worker-watchdog`.
+    pub last_ping: Option<Instant>,
 }
 
 /// Per-slot bookkeeping for the serving generation: restart backoff and counters.
@@ -184,7 +188,11 @@ impl State {
                 Some(ready_at.map_or(deadline, |r| r.min(deadline)))
             }
             WorkerPhase::Draining { kill_at } => Some(kill_at),
-            WorkerPhase::Ready { .. } | WorkerPhase::Killed => None,
+            WorkerPhase::Ready { .. } => self
+                .cfg
+                .worker_watchdog
+                .and_then(|wd| w.last_ping.map(|p| p + wd)),
+            WorkerPhase::Killed => None,
         });
         let slots = self.slots.iter().filter_map(|s| s.respawn_at);
         let phase = match self.phase {

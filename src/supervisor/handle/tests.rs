@@ -23,6 +23,7 @@ fn cfg(workers: u32) -> Config {
         restart: RestartDelay::default(),
         stop_signal: Signal::SIGTERM,
         stop_timeout: Duration::from_secs(30),
+        worker_watchdog: None,
     }
 }
 
@@ -628,4 +629,75 @@ fn spawn_result_for_a_rolled_back_generation_is_killed() {
         t,
     );
     assert_eq!(kills(&a), [(Pid::from_raw(12), Signal::SIGKILL, true)]);
+}
+
+#[test]
+fn scale_up_starts_new_slots_and_scale_down_drains_the_highest() {
+    let mut s = Sim::new(cfg(2));
+    s.ready_gen(1);
+    let a = s.ev(Event::Scale { workers: 4 });
+    assert_eq!(spawns(&a), [(2, 1), (3, 1)]);
+    assert!(status(&a).unwrap().starts_with("2/4 workers ready"));
+    let a = s.ready_gen(1);
+    assert!(status(&a).unwrap().starts_with("4/4 workers ready"));
+    let p = s.pids(1);
+    let a = s.ev(Event::Scale { workers: 1 });
+    assert_eq!(
+        kills(&a),
+        [
+            (p[1], Signal::SIGTERM, false),
+            (p[2], Signal::SIGTERM, false),
+            (p[3], Signal::SIGTERM, false)
+        ]
+    );
+    assert!(status(&a).unwrap().starts_with("1/1 workers ready"));
+    let a = s.exit(p[3], 0);
+    assert!(spawns(&a).is_empty(), "a scaled-down slot is not refilled");
+    // The new count survives a reload.
+    let a = s.ev(Event::Reload { ticket: None });
+    assert!(spawns(&a).is_empty(), "waits for the drained workers");
+    s.exit(p[1], 0);
+    let a = s.exit(p[2], 0);
+    assert_eq!(spawns(&a), [(0, 2)]);
+}
+
+#[test]
+fn worker_that_stops_pinging_gets_sigabrt_and_is_replaced() {
+    let wd = Duration::from_secs(2);
+    let mut s = Sim::new(Config {
+        worker_watchdog: Some(wd),
+        ..cfg(2)
+    });
+    s.ready_gen(1);
+    let p = s.pids(1);
+    assert_eq!(s.st.next_deadline(), Some(s.now + wd));
+    s.now += Duration::from_secs(1);
+    let ping = NotifyMsg {
+        watchdog: true,
+        ..NotifyMsg::default()
+    };
+    s.ev(Event::Notify {
+        pid: p[0],
+        msg: ping,
+    });
+    let a = s.advance(Duration::from_secs(1));
+    assert_eq!(
+        kills(&a),
+        [(p[1], Signal::SIGABRT, false)],
+        "only the silent worker"
+    );
+    let a = s.advance(Duration::from_secs(30));
+    assert!(
+        kills(&a).contains(&(p[1], Signal::SIGKILL, true)),
+        "SIGKILL after the grace"
+    );
+    let a = s.ev(Event::Exited {
+        pid: p[1],
+        how: ExitKind::Signal(9),
+    });
+    assert!(
+        a.iter()
+            .any(|a| matches!(a, Action::Log { message, .. } if message.contains("watchdog")))
+    );
+    assert!(s.st.slots[1].respawn_at.is_some(), "replaced like a crash");
 }

@@ -1,0 +1,309 @@
+//! `clusterctl status`: a snapshot of the supervisor and its workers, as a table for humans
+//! or as stable JSON (schema version 1, documented in the README). Built by the supervisor
+//! from its state plus `/proc` (RSS and CPU time per worker).
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use crate::supervisor::state::{Phase, State, WorkerPhase};
+
+/// One row of the worker table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerRow {
+    pub slot: u32,
+    pub pid: Option<i32>,
+    pub generation: u32,
+    /// `starting`, `ready`, `draining`, `killed` or `backing-off`.
+    pub state: &'static str,
+    pub uptime: Option<Duration>,
+    pub restarts: u32,
+    pub last_exit: Option<String>,
+    pub rss_bytes: Option<u64>,
+    pub cpu_seconds: Option<f64>,
+    pub status: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    pub pid: u32,
+    pub uptime: Duration,
+    pub phase: &'static str,
+    pub status: String,
+    pub generation: u32,
+    pub workers_wanted: u32,
+    pub sockets: Vec<(String, String)>,
+    /// (seconds ago, Ok(generation) | Err(reason))
+    pub last_reload: Option<(Duration, Result<u32, String>)>,
+    pub workers: Vec<WorkerRow>,
+}
+
+/// Resident set size and CPU time of a process, from `/proc/PID/stat`.
+fn proc_usage(pid: i32) -> (Option<u64>, Option<f64>) {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return (None, None);
+    };
+    let Some(close) = stat.rfind(')') else {
+        return (None, None);
+    };
+    // Fields after "(comm)": state is field 3; utime 14, stime 15, rss 24 (1-based).
+    let f: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+    let num = |i: usize| f.get(i - 3).and_then(|v| v.parse::<u64>().ok());
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .and_then(|t| u64::try_from(t).ok())
+        .unwrap_or(100);
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .and_then(|t| u64::try_from(t).ok())
+        .unwrap_or(4096);
+    #[allow(clippy::cast_precision_loss)]
+    let cpu = match (num(14), num(15)) {
+        (Some(u), Some(s)) => Some((u + s) as f64 / ticks as f64),
+        _ => None,
+    };
+    (num(24).map(|p| p * page), cpu)
+}
+
+/// Builds the report from the supervisor's state.
+pub fn report(
+    state: &State,
+    sockets: Vec<(String, String)>,
+    started: Instant,
+    now: Instant,
+) -> Report {
+    let mut workers: Vec<WorkerRow> = state
+        .workers
+        .iter()
+        .map(|w| {
+            let (rss, cpu) = proc_usage(w.pid.as_raw());
+            let slot = state.slots.get(w.slot as usize);
+            let current = slot.is_some_and(|s| s.generation == w.generation);
+            WorkerRow {
+                slot: w.slot,
+                pid: Some(w.pid.as_raw()),
+                generation: w.generation,
+                state: match w.phase {
+                    WorkerPhase::Starting { .. } => "starting",
+                    WorkerPhase::Ready { .. } => "ready",
+                    WorkerPhase::Draining { .. } => "draining",
+                    WorkerPhase::Killed => "killed",
+                },
+                uptime: Some(now.saturating_duration_since(w.started)),
+                restarts: if current {
+                    slot.map_or(0, |s| s.restarts)
+                } else {
+                    0
+                },
+                last_exit: if current {
+                    slot.and_then(|s| s.last_exit).map(|e| e.to_string())
+                } else {
+                    None
+                },
+                rss_bytes: rss,
+                cpu_seconds: cpu,
+                status: w.status.clone(),
+            }
+        })
+        .collect();
+    for (i, s) in state.slots.iter().enumerate() {
+        if s.respawn_at.is_some() {
+            workers.push(WorkerRow {
+                slot: u32::try_from(i).unwrap_or(u32::MAX),
+                pid: None,
+                generation: s.generation,
+                state: "backing-off",
+                uptime: None,
+                restarts: s.restarts,
+                last_exit: s.last_exit.map(|e| e.to_string()),
+                rss_bytes: None,
+                cpu_seconds: None,
+                status: None,
+            });
+        }
+    }
+    workers.sort_by_key(|w| (w.slot, w.generation));
+    Report {
+        pid: std::process::id(),
+        uptime: now.saturating_duration_since(started),
+        phase: match state.phase {
+            Phase::Starting => "starting",
+            Phase::Running if state.reload.is_some() => "reloading",
+            Phase::Running => "running",
+            Phase::Stopping { .. } => "stopping",
+        },
+        status: state.status_line(),
+        generation: state.generation,
+        workers_wanted: state.cfg.workers,
+        sockets,
+        last_reload: state
+            .last_reload
+            .as_ref()
+            .map(|(t, r)| (now.saturating_duration_since(*t), r.clone())),
+        workers,
+    }
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.1}", d.as_secs_f64())
+}
+
+fn human_bytes(b: u64) -> String {
+    #[allow(clippy::cast_precision_loss)]
+    let mib = b as f64 / (1024.0 * 1024.0);
+    format!("{mib:.1}M")
+}
+
+impl Report {
+    /// The human-readable table.
+    pub fn text(&self) -> String {
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            "supervisor: pid {}, up {}s, {}",
+            self.pid,
+            secs(self.uptime),
+            self.phase
+        );
+        let _ = writeln!(o, "status:     {}", self.status);
+        let _ = writeln!(
+            o,
+            "generation: {} ({} workers wanted)",
+            self.generation, self.workers_wanted
+        );
+        for (name, addr) in &self.sockets {
+            let _ = writeln!(o, "socket:     {name} {addr}");
+        }
+        match &self.last_reload {
+            None => {
+                let _ = writeln!(o, "last reload: none");
+            }
+            Some((ago, Ok(g))) => {
+                let _ = writeln!(o, "last reload: {}s ago, ok (generation {g})", secs(*ago));
+            }
+            Some((ago, Err(e))) => {
+                let _ = writeln!(o, "last reload: {}s ago, FAILED: {e}", secs(*ago));
+            }
+        }
+        let _ = writeln!(
+            o,
+            "{:>4} {:>8} {:>4} {:<11} {:>8} {:>8} {:<16} {:>8} {:>8}  STATUS",
+            "SLOT", "PID", "GEN", "STATE", "UPTIME", "RESTARTS", "LAST EXIT", "RSS", "CPU"
+        );
+        for w in &self.workers {
+            let _ = writeln!(
+                o,
+                "{:>4} {:>8} {:>4} {:<11} {:>8} {:>8} {:<16} {:>8} {:>8}  {}",
+                w.slot,
+                w.pid.map_or("-".into(), |p| p.to_string()),
+                w.generation,
+                w.state,
+                w.uptime.map_or("-".into(), |u| format!("{}s", secs(u))),
+                w.restarts,
+                w.last_exit.as_deref().unwrap_or("-"),
+                w.rss_bytes.map_or("-".into(), human_bytes),
+                w.cpu_seconds.map_or("-".into(), |c| format!("{c:.2}s")),
+                w.status.as_deref().unwrap_or("")
+            );
+        }
+        o
+    }
+
+    /// Stable JSON, schema version 1 (documented in the README).
+    pub fn json(&self) -> String {
+        let mut o = String::from("{\"version\":1,");
+        let _ = write!(
+            o,
+            "\"supervisor\":{{\"pid\":{},\"uptime_seconds\":{},\"phase\":{},\"status\":{},\"generation\":{},\"workers_wanted\":{}}},",
+            self.pid,
+            secs(self.uptime),
+            jstr(self.phase),
+            jstr(&self.status),
+            self.generation,
+            self.workers_wanted
+        );
+        o.push_str("\"sockets\":[");
+        for (i, (n, a)) in self.sockets.iter().enumerate() {
+            if i > 0 {
+                o.push(',');
+            }
+            let _ = write!(o, "{{\"name\":{},\"address\":{}}}", jstr(n), jstr(a));
+        }
+        o.push_str("],\"last_reload\":");
+        match &self.last_reload {
+            None => o.push_str("null"),
+            Some((ago, r)) => {
+                let _ = write!(
+                    o,
+                    "{{\"seconds_ago\":{},\"ok\":{},\"generation\":{},\"error\":{}}}",
+                    secs(*ago),
+                    r.is_ok(),
+                    r.as_ref().map_or("null".into(), ToString::to_string),
+                    r.as_ref().err().map_or("null".into(), |e| jstr(e))
+                );
+            }
+        }
+        o.push_str(",\"workers\":[");
+        for (i, w) in self.workers.iter().enumerate() {
+            if i > 0 {
+                o.push(',');
+            }
+            let _ = write!(
+                o,
+                "{{\"slot\":{},\"pid\":{},\"generation\":{},\"state\":{},\"uptime_seconds\":{},\"restarts\":{},\"last_exit\":{},\"rss_bytes\":{},\"cpu_seconds\":{},\"status\":{}}}",
+                w.slot,
+                w.pid.map_or("null".into(), |p| p.to_string()),
+                w.generation,
+                jstr(w.state),
+                w.uptime.map_or("null".into(), secs),
+                w.restarts,
+                w.last_exit.as_deref().map_or("null".into(), jstr),
+                w.rss_bytes.map_or("null".into(), |b| b.to_string()),
+                w.cpu_seconds.map_or("null".into(), |c| format!("{c:.2}")),
+                w.status.as_deref().map_or("null".into(), jstr)
+            );
+        }
+        o.push_str("]}");
+        o
+    }
+}
+
+/// A JSON string literal.
+pub fn jstr(s: &str) -> String {
+    let mut o = String::with_capacity(s.len() + 2);
+    o.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            '\n' => o.push_str("\\n"),
+            '\r' => o.push_str("\\r"),
+            '\t' => o.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(o, "\\u{:04x}", c as u32);
+            }
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_strings_are_escaped() {
+        assert_eq!(jstr("a\"b\\c\nd\u{1}é"), "\"a\\\"b\\\\c\\nd\\u0001é\"");
+    }
+
+    #[test]
+    fn own_process_usage_is_readable() {
+        let (rss, cpu) = proc_usage(i32::try_from(std::process::id()).unwrap());
+        assert!(rss.unwrap() > 0);
+        assert!(cpu.is_some());
+        assert_eq!(proc_usage(-5), (None, None));
+    }
+}
