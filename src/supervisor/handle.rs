@@ -655,10 +655,9 @@ fn tick(state: &mut State, now: Instant, out: &mut Vec<Action>) {
     for w in &state.workers {
         if let (WorkerPhase::Ready { .. }, Some(wd), Some(p)) =
             (w.phase, state.cfg.worker_watchdog, w.last_ping)
+            && p + wd <= now
         {
-            if p + wd <= now {
-                missed.push((w.pid, now.saturating_duration_since(p)));
-            }
+            missed.push((w.pid, now.saturating_duration_since(p)));
         }
         match w.phase {
             WorkerPhase::Starting {

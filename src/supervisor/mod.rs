@@ -356,11 +356,11 @@ impl Executor {
     /// Pings systemd's watchdog and extends its reload timeout when due.
     fn housekeeping(&mut self) {
         let now = Instant::now();
-        if let (Some(interval), Some(at)) = (self.watchdog, self.next_ping) {
-            if at <= now {
-                self.execute(Action::Notify(vec![Upstream::Watchdog]));
-                self.next_ping = Some(now + interval / 2);
-            }
+        if let (Some(interval), Some(at)) = (self.watchdog, self.next_ping)
+            && at <= now
+        {
+            self.execute(Action::Notify(vec![Upstream::Watchdog]));
+            self.next_ping = Some(now + interval / 2);
         }
         match &self.state.reload {
             Some(r) => {
@@ -683,10 +683,10 @@ impl Executor {
 /// systemd's watchdog interval for us (`WATCHDOG_USEC`, when `WATCHDOG_PID` is unset or ours).
 fn watchdog_interval() -> Option<Duration> {
     let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
-    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
-        if pid.parse::<u32>().ok()? != std::process::id() {
-            return None;
-        }
+    if let Ok(pid) = std::env::var("WATCHDOG_PID")
+        && pid.parse::<u32>().ok()? != std::process::id()
+    {
+        return None;
     }
     (usec > 0).then(|| Duration::from_micros(usec))
 }
