@@ -45,6 +45,75 @@ pub enum Command {
     /// Change the number of workers of a running supervisor
     #[command(after_help = SCALE_EXAMPLES)]
     Scale(ScaleArgs),
+    /// Show a unit's log, all of it or one worker slot's (runs journalctl)
+    #[command(after_help = LOGS_EXAMPLES)]
+    Logs(LogsArgs),
+    /// Print the man page (roff) for clusterctl
+    #[command(after_help = "Example:\n  clusterctl man > /usr/share/man/man1/clusterctl.1")]
+    Man,
+    /// Print a shell completion script
+    #[command(
+        after_help = "Examples:\n  clusterctl completions bash > /etc/bash_completion.d/clusterctl\n  \
+                            clusterctl completions zsh > \"${fpath[1]}/_clusterctl\""
+    )]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+const LOGS_EXAMPLES: &str = "Examples:
+  clusterctl logs myapp                 # supervisor and all workers
+  clusterctl logs myapp --worker 2 -f   # worker 2's own output plus the supervisor's events
+                                        # about slot 2, following
+The same without clusterctl:
+  journalctl -u myapp -t myapp/2        # worker 2's own output
+  journalctl -u myapp WORKER_ID=2       # the supervisor's events about slot 2";
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// The unit name
+    #[arg(value_name = "APP")]
+    pub app: String,
+    /// Only this worker slot (its own output and the supervisor's events about it)
+    #[arg(long, value_name = "N")]
+    pub worker: Option<u32>,
+    /// Follow new entries
+    #[arg(short, long)]
+    pub follow: bool,
+    /// The unit is a user unit (journalctl --user)
+    #[arg(long)]
+    pub user: bool,
+    /// Print the journalctl command instead of running it
+    #[arg(long)]
+    pub print: bool,
+}
+
+impl LogsArgs {
+    /// The journalctl arguments for this request.
+    pub fn journalctl_args(&self) -> Vec<String> {
+        let app = self.app.strip_suffix(".service").unwrap_or(&self.app);
+        let unit = format!("_SYSTEMD_UNIT={app}.service");
+        let mut a = Vec::new();
+        if self.user {
+            a.push("--user".to_string());
+        }
+        if self.follow {
+            a.push("--follow".into());
+        }
+        match self.worker {
+            None => a.push(format!("--unit={app}.service")),
+            Some(n) => {
+                a.extend([
+                    unit.clone(),
+                    format!("SYSLOG_IDENTIFIER={app}/{n}"),
+                    "+".into(),
+                ]);
+                a.extend([unit, format!("WORKER_ID={n}")]);
+            }
+        }
+        a
+    }
 }
 
 const RELOAD_EXAMPLES: &str = "Examples:
@@ -312,6 +381,36 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn logs_builds_journalctl_matches() {
+        let l = LogsArgs {
+            app: "web.service".into(),
+            worker: Some(2),
+            follow: true,
+            user: false,
+            print: false,
+        };
+        assert_eq!(
+            l.journalctl_args(),
+            [
+                "--follow",
+                "_SYSTEMD_UNIT=web.service",
+                "SYSLOG_IDENTIFIER=web/2",
+                "+",
+                "_SYSTEMD_UNIT=web.service",
+                "WORKER_ID=2"
+            ]
+        );
+        let l = LogsArgs {
+            app: "web".into(),
+            worker: None,
+            follow: false,
+            user: true,
+            print: false,
+        };
+        assert_eq!(l.journalctl_args(), ["--user", "--unit=web.service"]);
     }
 
     #[test]

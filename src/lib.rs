@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod error;
+pub mod journal;
 pub mod log;
 pub mod notify;
 pub mod sockets;
@@ -55,6 +56,27 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> u8 {
             },
         ),
         Command::Status(a) => ctl(&a.target, &control::Request::Status { json: a.json }),
+        Command::Logs(a) => logs(&a),
+        Command::Man => {
+            let mut out = Vec::new();
+            let r =
+                clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut out);
+            r.map_err(|e| error::Error::Io {
+                context: "cannot render the man page".into(),
+                source: e,
+            })
+            .and_then(|()| write_stdout(&out))
+        }
+        Command::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "clusterctl",
+                &mut out,
+            );
+            write_stdout(&out)
+        }
         Command::Scale(a) => match a.split() {
             Ok((target, n)) => ctl(&target, &control::Request::Scale(n.resolve())),
             Err(e) => Err(error::Error::config(e)),
@@ -67,6 +89,31 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> u8 {
             e.exit_code()
         }
     }
+}
+
+fn write_stdout(bytes: &[u8]) -> error::Result<()> {
+    use std::io::Write;
+    std::io::stdout()
+        .write_all(bytes)
+        .map_err(|e| error::Error::Io {
+            context: "cannot write to stdout".into(),
+            source: e,
+        })
+}
+
+/// `clusterctl logs`: runs journalctl with the matches for the unit or one worker slot.
+fn logs(a: &cli::LogsArgs) -> error::Result<()> {
+    let args = a.journalctl_args();
+    if a.print {
+        println!("journalctl {}", args.join(" "));
+        return Ok(());
+    }
+    use std::os::unix::process::CommandExt;
+    let err = std::process::Command::new("journalctl").args(&args).exec();
+    Err(error::Error::Io {
+        context: "cannot run journalctl".into(),
+        source: err,
+    })
 }
 
 /// Sends one request to a running supervisor and prints its answer.

@@ -30,6 +30,8 @@ pub struct ExecPlan {
     listen_fds: RawFd,
     parent: libc::pid_t,
     devnull: RawFd,
+    /// If set, becomes the worker's stdout and stderr (a journal stream of its own).
+    output: Option<RawFd>,
 }
 
 /// Room for the decimal digits of any pid, plus the NUL terminator.
@@ -44,6 +46,7 @@ impl ExecPlan {
         pid_keys: &[&str],
         listen_fds: usize,
         devnull: &OwnedFd,
+        output: Option<&OwnedFd>,
     ) -> io::Result<ExecPlan> {
         use std::os::unix::ffi::OsStrExt;
         let cstr = |b: &[u8]| {
@@ -93,6 +96,7 @@ impl ExecPlan {
             listen_fds: RawFd::try_from(listen_fds).unwrap_or(RawFd::MAX - 3),
             parent: std::process::id().cast_signed(),
             devnull: devnull.as_raw_fd(),
+            output: output.map(AsRawFd::as_raw_fd),
         })
     }
 }
@@ -119,7 +123,7 @@ fn write_pid(buf: &mut [u8], n: libc::pid_t) {
 /// Forks and executes a worker. Returns its pid once `execve` succeeded, or the OS error of
 /// the failed `execve` (reported through a close-on-exec pipe, as std's `Command` does).
 ///
-/// In the child: own process group; `PR_SET_PDEATHSIG(SIGKILL)` (checked against the parent
+/// In the child: own process group; stdout/stderr from `plan.output` if set; `PR_SET_PDEATHSIG(SIGKILL)` (checked against the parent
 /// having already died); default dispositions and an empty signal mask; stdin from /dev/null;
 /// fds 3..3+n inherited without `FD_CLOEXEC`, every other fd above 2 closed on exec.
 pub fn spawn(plan: &mut ExecPlan) -> io::Result<Pid> {
@@ -218,6 +222,11 @@ unsafe fn child_after_fork(
 
         if libc::dup2(plan.devnull, 0) < 0 {
             fail(err_fd);
+        }
+        if let Some(out) = plan.output {
+            if libc::dup2(out, 1) < 0 || libc::dup2(out, 2) < 0 {
+                fail(err_fd);
+            }
         }
         // The listening sockets already sit at 3..3+n; dup2(fd, fd) would be a no-op, so
         // clear FD_CLOEXEC explicitly.

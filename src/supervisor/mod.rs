@@ -218,6 +218,8 @@ struct Executor {
     next_ping: Option<Instant>,
     next_extend: Option<Instant>,
     started: Instant,
+    /// With the journal as stderr: workers get their own streams, identified `NAME/SLOT`.
+    journal_identifier: Option<String>,
 }
 
 impl Executor {
@@ -271,6 +273,11 @@ impl Executor {
         }
         let watchdog = watchdog_interval();
         let now = Instant::now();
+        let journal_identifier =
+            crate::log::stderr_is_journal().then(|| crate::journal::base_identifier(&program));
+        if let Some(id) = &journal_identifier {
+            tracing::info!("worker output goes to the journal as {id}/SLOT (journalctl -t {id}/0)");
+        }
         Ok(Executor {
             state: State::new(cfg),
             listeners,
@@ -291,6 +298,7 @@ impl Executor {
             next_ping: watchdog.map(|_| now),
             next_extend: None,
             started: now,
+            journal_identifier,
         })
     }
 
@@ -644,6 +652,10 @@ impl Executor {
         } else {
             &["LISTEN_PID"]
         };
+        let output = self
+            .journal_identifier
+            .as_deref()
+            .and_then(|id| crate::journal::stream_for(id, slot));
         let plan = sys::ExecPlan::new(
             &self.program,
             &self.argv,
@@ -651,6 +663,7 @@ impl Executor {
             pid_keys,
             self.listeners.len(),
             &self.devnull,
+            output.as_ref(),
         );
         let result = plan.and_then(|mut p| sys::spawn(&mut p));
         match result {

@@ -1,0 +1,4 @@
+//! All integration tests, compiled into one test binary (see `[[test]]` in Cargo.toml).
+
+mod run;
+mod support;
