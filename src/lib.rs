@@ -103,12 +103,12 @@ fn write_stdout(bytes: &[u8]) -> error::Result<()> {
 
 /// `clusterctl logs`: runs journalctl with the matches for the unit or one worker slot.
 fn logs(a: &cli::LogsArgs) -> error::Result<()> {
+    use std::os::unix::process::CommandExt;
     let args = a.journalctl_args();
     if a.print {
         println!("journalctl {}", args.join(" "));
         return Ok(());
     }
-    use std::os::unix::process::CommandExt;
     let err = std::process::Command::new("journalctl").args(&args).exec();
     Err(error::Error::Io {
         context: "cannot run journalctl".into(),

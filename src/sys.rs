@@ -223,10 +223,10 @@ unsafe fn child_after_fork(
         if libc::dup2(plan.devnull, 0) < 0 {
             fail(err_fd);
         }
-        if let Some(out) = plan.output {
-            if libc::dup2(out, 1) < 0 || libc::dup2(out, 2) < 0 {
-                fail(err_fd);
-            }
+        if let Some(out) = plan.output
+            && (libc::dup2(out, 1) < 0 || libc::dup2(out, 2) < 0)
+        {
+            fail(err_fd);
         }
         // The listening sockets already sit at 3..3+n; dup2(fd, fd) would be a no-op, so
         // clear FD_CLOEXEC explicitly.
