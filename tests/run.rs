@@ -361,8 +361,7 @@ fn garbage_and_strangers_on_the_notify_socket_are_ignored() {
     // A stranger (this test process) claims readiness on the supervisor's socket.
     let s = std::os::unix::net::UnixDatagram::unbound().unwrap();
     s.send_to(b"READY=1", &r[1]["notify_socket"]).unwrap();
-    s.send_to(&vec![b'x'; 70_000.min(60_000)], &r[1]["notify_socket"])
-        .ok();
+    s.send_to(&vec![b'x'; 10_000], &r[1]["notify_socket"]).ok();
     let (code, out, err) = sup.ctl(&["status", "--json"]);
     assert_eq!(code, 0, "{err}");
     assert!(
@@ -397,29 +396,29 @@ fn bad_input_gets_a_clear_error_and_a_documented_code() {
         )
     };
     let l = format!("127.0.0.1:{port}");
-    let (c, e) = run(&["--listen", &l, "--", "no-such-worker-binary"], &[]);
-    assert_eq!(c, 78, "{e}");
+    let (code, err) = run(&["--listen", &l, "--", "no-such-worker-binary"], &[]);
+    assert_eq!(code, 78, "{err}");
     assert!(
         e.contains("no-such-worker-binary") && e.contains("No such file"),
         "{e}"
     );
     let f = dir.join("not-exec");
     std::fs::write(&f, "x").unwrap();
-    let (c, e) = run(&["--listen", &l, "--", f.to_str().unwrap()], &[]);
-    assert_eq!(c, 78, "{e}");
-    assert!(e.contains("Permission denied"), "{e}");
-    let (c, e) = run(&["--listen", &l, "--workers", "0", "--", "true"], &[]);
-    assert_eq!(c, 2, "{e}");
-    assert!(e.contains("at least 1"), "{e}");
-    let (c, e) = run(&["--", "true"], &[]);
-    assert_eq!(c, 78, "{e}");
-    assert!(e.contains("--listen"), "{e}");
-    let (c, e) = run(&["--listen", "localhost:http", "--", "true"], &[]);
-    assert_eq!(c, 2, "{e}");
-    assert!(e.contains("invalid listen address"), "{e}");
+    let (code, err) = run(&["--listen", &l, "--", f.to_str().unwrap()], &[]);
+    assert_eq!(code, 78, "{err}");
+    assert!(err.contains("Permission denied"), "{err}");
+    let (code, err) = run(&["--listen", &l, "--workers", "0", "--", "true"], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("at least 1"), "{err}");
+    let (code, err) = run(&["--", "true"], &[]);
+    assert_eq!(code, 78, "{err}");
+    assert!(err.contains("--listen"), "{err}");
+    let (code, err) = run(&["--listen", "localhost:http", "--", "true"], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("invalid listen address"), "{err}");
     let holder = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
-    let (c, e) = run(&["--listen", &l, "--", "true"], &[]);
-    assert_eq!(c, 1, "{e}");
+    let (code, err) = run(&["--listen", &l, "--", "true"], &[]);
+    assert_eq!(code, 1, "{err}");
     assert!(
         e.contains("Address already in use") && e.contains(&l),
         "{e}"

@@ -137,11 +137,6 @@ impl Run {
         self
     }
 
-    pub fn cmd(mut self, c: &[&str]) -> Run {
-        self.cmd = c.iter().map(|s| (*s).to_string()).collect();
-        self
-    }
-
     pub fn spawn(self) -> Supervisor {
         let log = self.dir.join("supervisor.log");
         let control = self.dir.join("control.sock");
