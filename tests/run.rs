@@ -399,8 +399,8 @@ fn bad_input_gets_a_clear_error_and_a_documented_code() {
     let (code, err) = run(&["--listen", &l, "--", "no-such-worker-binary"], &[]);
     assert_eq!(code, 78, "{err}");
     assert!(
-        e.contains("no-such-worker-binary") && e.contains("No such file"),
-        "{e}"
+        err.contains("no-such-worker-binary") && err.contains("No such file"),
+        "{err}"
     );
     let f = dir.join("not-exec");
     std::fs::write(&f, "x").unwrap();
@@ -420,8 +420,8 @@ fn bad_input_gets_a_clear_error_and_a_documented_code() {
     let (code, err) = run(&["--listen", &l, "--", "true"], &[]);
     assert_eq!(code, 1, "{err}");
     assert!(
-        e.contains("Address already in use") && e.contains(&l),
-        "{e}"
+        err.contains("Address already in use") && err.contains(&l),
+        "{err}"
     );
     drop(holder);
     // Malformed socket activation variables, addressed to the supervisor itself.
