@@ -269,6 +269,11 @@ pub struct SupervisorOpts {
     /// SIGABRT, then SIGKILL, and is replaced
     #[arg(long, value_name = "DUR")]
     pub worker_watchdog: Option<Dur>,
+
+    /// Stop the workers and exit 0 when no connection was queued or open for this long
+    /// (under systemd the socket unit starts the service again on the next connection)
+    #[arg(long, value_name = "DUR")]
+    pub exit_idle_after: Option<Dur>,
 }
 
 impl SupervisorOpts {
@@ -316,6 +321,10 @@ impl SupervisorOpts {
             out.push("--worker-watchdog".into());
             out.push(wd.to_string());
         }
+        if let Some(d) = self.exit_idle_after {
+            out.push("--exit-idle-after".into());
+            out.push(d.to_string());
+        }
         out
     }
 }
@@ -359,6 +368,11 @@ pub struct RunArgs {
     /// Control socket for `clusterctl reload/status/scale` [default: $RUNTIME_DIRECTORY/control.sock]
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+
+    /// Hold only the sockets until the first connection, then start the workers; with
+    /// --exit-idle-after, stop them when idle and hold the sockets again (no exit)
+    #[arg(long)]
+    pub lazy: bool,
 
     /// Write the supervisor's pid here (for use without systemd); removed on exit
     #[arg(long, value_name = "PATH")]

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod error;
+pub mod idle;
 pub mod journal;
 pub mod log;
 pub mod notify;

@@ -128,6 +128,7 @@ pub fn report(
         pid: std::process::id(),
         uptime: now.saturating_duration_since(started),
         phase: match state.phase {
+            Phase::Idle => "idle",
             Phase::Starting => "starting",
             Phase::Running if state.reload.is_some() => "reloading",
             Phase::Running => "running",

@@ -61,6 +61,9 @@ pub enum Event {
     Reload { ticket: Option<Ticket> },
     /// SIGUSR2 or `clusterctl restart --rolling`: replace workers one slot at a time.
     RollingRestart { ticket: Option<Ticket> },
+    /// A sample of the listening sockets (`--exit-idle-after`, `--lazy`): were connections
+    /// queued or open?
+    Traffic { busy: bool },
     /// `clusterctl scale N`, SIGTTIN (+1), SIGTTOU (-1): run this many workers from now on.
     Scale { workers: u32 },
     /// Some armed deadline may have passed (the executor wakes us at `next_deadline`).

@@ -27,11 +27,19 @@ const ROLLED_BACK: &str = "its generation was rolled back";
 const UNWANTED: &str = "not wanted any more";
 const WATCHDOG: &str = "missed its watchdog";
 const SCALED_DOWN: &str = "scaled down";
+const IDLE: &str = "idle";
 
 /// Applies one event at time `now` and returns what to do, in order.
 pub fn handle(state: &mut State, event: Event, now: Instant) -> Vec<Action> {
     let mut out = Vec::new();
     match event {
+        Event::Start if state.cfg.lazy => {
+            state.phase = Phase::Idle;
+            // The first connection starts generation 1.
+            state.last_generation = 0;
+            let msg = "holding the sockets; workers start on the first connection";
+            log(&mut out, Level::INFO, None, msg.into());
+        }
         Event::Start => {
             for slot in 0..state.cfg.workers {
                 out.push(Action::Spawn {
@@ -40,6 +48,7 @@ pub fn handle(state: &mut State, event: Event, now: Instant) -> Vec<Action> {
                 });
             }
         }
+        Event::Traffic { busy } => traffic(state, busy, now, &mut out),
         Event::Spawned {
             slot,
             generation,
@@ -358,6 +367,74 @@ fn watchdog_miss(state: &mut State, pid: Pid, why: &str, now: Instant, out: &mut
         signal: Signal::SIGABRT,
         group: false,
     });
+}
+
+/// A traffic sample: remember activity; a lazy supervisor starts its workers.
+fn traffic(state: &mut State, busy: bool, now: Instant, out: &mut Vec<Action>) {
+    if !busy {
+        return;
+    }
+    state.last_busy = Some(now);
+    if state.phase == Phase::Idle {
+        let generation = state.last_generation + 1;
+        state.last_generation = generation;
+        state.generation = generation;
+        log(
+            out,
+            Level::INFO,
+            None,
+            format!("connection waiting: starting generation {generation}"),
+        );
+        state.phase = Phase::Starting;
+        for slot in 0..state.cfg.workers {
+            let s = &mut state.slots[slot as usize];
+            s.generation = generation;
+            s.failed_starts = 0;
+            out.push(Action::Spawn { slot, generation });
+        }
+    }
+}
+
+/// No connection for `--exit-idle-after`: exit (systemd's socket unit starts us again on
+/// the next connection), or with `--lazy` stop the workers and hold the sockets.
+fn idle_timeout(state: &mut State, now: Instant, out: &mut Vec<Action>) {
+    let Some(d) = state.cfg.exit_idle_after else {
+        return;
+    };
+    let due = state.phase == Phase::Running
+        && state.reload.is_none()
+        && state.queued.is_none()
+        && state.last_busy.is_some_and(|b| b + d <= now);
+    if !due {
+        return;
+    }
+    if state.cfg.lazy {
+        log(
+            out,
+            Level::INFO,
+            None,
+            format!(
+                "no connection for {}: stopping the workers, holding the sockets",
+                human(d)
+            ),
+        );
+        state.phase = Phase::Idle;
+        for s in &mut state.slots {
+            s.respawn_at = None;
+        }
+        let pids: Vec<Pid> = state.workers.iter().map(|w| w.pid).collect();
+        for pid in pids {
+            drain(state, pid, IDLE, now, out);
+        }
+    } else {
+        log(
+            out,
+            Level::INFO,
+            None,
+            format!("no connection for {}: exiting until the next one", human(d)),
+        );
+        stop(state, exit::OK, now, out);
+    }
 }
 
 /// Changes the number of workers: new slots start at once; the highest slots are drained.
@@ -718,6 +795,7 @@ fn tick(state: &mut State, now: Instant, out: &mut Vec<Action>) {
             rollback(state, &why, now, out);
         }
     }
+    idle_timeout(state, now, out);
     if let Phase::Stopping {
         force_at: Some(t),
         code,
@@ -733,7 +811,7 @@ fn tick(state: &mut State, now: Instant, out: &mut Vec<Action>) {
             code,
         };
     }
-    if !matches!(state.phase, Phase::Stopping { .. }) {
+    if matches!(state.phase, Phase::Starting | Phase::Running) {
         for slot in 0..state.cfg.workers {
             let s = &mut state.slots[slot as usize];
             if s.respawn_at.is_some_and(|t| t <= now) {
@@ -751,10 +829,18 @@ fn tick(state: &mut State, now: Instant, out: &mut Vec<Action>) {
 /// first generation, progress of a reload, the STATUS line, and exiting.
 fn settle(state: &mut State, now: Instant, out: &mut Vec<Action>) {
     let n = state.cfg.workers;
+    if state.phase == Phase::Idle && !state.announced {
+        state.announced = true;
+        out.push(Action::Notify(vec![Upstream::Ready]));
+    }
     if state.phase == Phase::Starting && state.ready_count_current() == n as usize {
         state.phase = Phase::Running;
+        state.last_busy = Some(now);
         log(out, Level::INFO, None, format!("all {n} workers ready"));
-        out.push(Action::Notify(vec![Upstream::Ready]));
+        if !state.announced {
+            state.announced = true;
+            out.push(Action::Notify(vec![Upstream::Ready]));
+        }
     }
     if let Some(r) = state.reload.clone() {
         let g = r.generation;
@@ -850,6 +936,7 @@ impl State {
             (Phase::Stopping { .. }, _) => {
                 format!("stopping: {} worker(s) left", self.workers.len())
             }
+            (Phase::Idle, _) => "idle: no workers, waiting for a connection".to_string(),
             (Phase::Starting, _) => format!("starting: {ready}/{n} workers ready"),
             (Phase::Running, Some(r)) => format!(
                 "reloading to generation {}: {}/{n} new workers ready; {ready}/{n} serving",

@@ -79,6 +79,8 @@ pub fn run(args: RunArgs) -> Result<u8> {
         stop_signal: args.opts.stop_signal.0,
         stop_timeout: args.opts.stop_timeout.0,
         worker_watchdog: args.opts.worker_watchdog.map(|d| d.0),
+        exit_idle_after: args.opts.exit_idle_after.map(|d| d.0),
+        lazy: args.lazy,
     };
     if cfg
         .worker_watchdog
@@ -220,6 +222,10 @@ struct Executor {
     started: Instant,
     /// With the journal as stderr: workers get their own streams, identified `NAME/SLOT`.
     journal_identifier: Option<String>,
+    /// `--exit-idle-after` / `--lazy`: the listening sockets to sample, and when.
+    watched: Option<crate::idle::Watched>,
+    sample_every: Duration,
+    next_sample: Option<Instant>,
 }
 
 impl Executor {
@@ -273,6 +279,12 @@ impl Executor {
         }
         let watchdog = watchdog_interval();
         let now = Instant::now();
+        let watched = (cfg.exit_idle_after.is_some() || cfg.lazy)
+            .then(|| crate::idle::Watched::from_listeners(listeners.len()));
+        // A tenth of the idle timeout, within 100 ms .. 5 s.
+        let sample_every = cfg.exit_idle_after.map_or(Duration::from_secs(5), |d| {
+            (d / 10).clamp(Duration::from_millis(100), Duration::from_secs(5))
+        });
         let journal_identifier =
             crate::log::stderr_is_journal().then(|| crate::journal::base_identifier(&program));
         if let Some(id) = &journal_identifier {
@@ -299,6 +311,9 @@ impl Executor {
             next_extend: None,
             started: now,
             journal_identifier,
+            watched,
+            sample_every,
+            next_sample: None,
         })
     }
 
@@ -318,11 +333,21 @@ impl Executor {
 
     /// Sleeps until something happens or the next deadline; returns the events.
     fn wait(&mut self) -> Result<Vec<Event>> {
-        self.housekeeping();
-        let deadline = [self.state.next_deadline(), self.next_ping, self.next_extend]
-            .into_iter()
-            .flatten()
-            .min();
+        let mut events = Vec::new();
+        self.housekeeping(&mut events);
+        if !events.is_empty() {
+            return Ok(events);
+        }
+        let idle = self.state.phase == state::Phase::Idle && self.watched.is_some();
+        let deadline = [
+            self.state.next_deadline(),
+            self.next_ping,
+            self.next_extend,
+            self.next_sample,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let timeout = match deadline {
             None => PollTimeout::NONE,
             Some(t) => {
@@ -337,17 +362,27 @@ impl Executor {
                 PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
                 PollFd::new(self.notify.as_fd(), PollFlags::POLLIN),
             ];
+            let control = self.control.is_some();
             if let Some(c) = &self.control {
                 fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
+            }
+            // Holding the sockets without workers: a connection makes a listener readable.
+            if idle {
+                for i in 0..self.listeners.len() {
+                    fds.push(PollFd::new(sys::listen_fd(i), PollFlags::POLLIN));
+                }
             }
             match poll(&mut fds, timeout) {
                 Ok(_) | Err(nix::Error::EINTR) => {}
                 Err(e) => return Err(e).context(|| "poll failed".into()),
             }
             let r = |f: Option<&PollFd>| f.and_then(PollFd::revents).is_some_and(|r| !r.is_empty());
-            (r(fds.first()), r(fds.get(1)), r(fds.get(2)))
+            let first_listener = if control { 3 } else { 2 };
+            if idle && fds[first_listener..].iter().any(|f| r(Some(f))) {
+                events.push(Event::Traffic { busy: true });
+            }
+            (r(fds.first()), r(fds.get(1)), control && r(fds.get(2)))
         };
-        let mut events = Vec::new();
         if sig_ready {
             self.read_signals(&mut events);
         }
@@ -361,9 +396,25 @@ impl Executor {
         Ok(events)
     }
 
-    /// Pings systemd's watchdog and extends its reload timeout when due.
-    fn housekeeping(&mut self) {
+    /// Pings systemd's watchdog, extends its reload timeout and samples the sockets' traffic
+    /// when due.
+    fn housekeeping(&mut self, events: &mut Vec<Event>) {
         let now = Instant::now();
+        let sampling = self.state.cfg.exit_idle_after.is_some()
+            && matches!(
+                self.state.phase,
+                state::Phase::Starting | state::Phase::Running
+            );
+        if !sampling {
+            self.next_sample = None;
+        } else if self.next_sample.is_none_or(|t| t <= now) {
+            if let Some(w) = &self.watched {
+                events.push(Event::Traffic {
+                    busy: w.sample().busy(),
+                });
+            }
+            self.next_sample = Some(now + self.sample_every);
+        }
         if let (Some(interval), Some(at)) = (self.watchdog, self.next_ping)
             && at <= now
         {

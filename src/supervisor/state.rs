@@ -29,6 +29,11 @@ pub struct Config {
     pub stop_timeout: Duration,
     /// `--worker-watchdog`: a ready worker must send `WATCHDOG=1` at least this often.
     pub worker_watchdog: Option<Duration>,
+    /// `--exit-idle-after`: stop when no connection was seen for this long.
+    pub exit_idle_after: Option<Duration>,
+    /// `--lazy`: start workers on the first connection; when idle, go back to holding the
+    /// sockets instead of exiting.
+    pub lazy: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +90,8 @@ pub struct Slot {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
+    /// `--lazy`: holding the sockets without workers until a connection arrives.
+    Idle,
     /// The first generation is starting; READY=1 not sent yet.
     Starting,
     Running,
@@ -135,6 +142,10 @@ pub struct State {
     pub last_status: String,
     /// The outcome of the last reload, for status output: (finished at, result).
     pub last_reload: Option<(Instant, Result<u32, String>)>,
+    /// When connections were last seen (for `--exit-idle-after`).
+    pub last_busy: Option<Instant>,
+    /// READY=1 was sent once (a lazy supervisor is ready while it holds the sockets).
+    pub announced: bool,
 }
 
 impl State {
@@ -151,6 +162,8 @@ impl State {
             queued: None,
             last_status: String::new(),
             last_reload: None,
+            last_busy: None,
+            announced: false,
         }
     }
 
@@ -197,6 +210,10 @@ impl State {
         let slots = self.slots.iter().filter_map(|s| s.respawn_at);
         let phase = match self.phase {
             Phase::Stopping { force_at, .. } => force_at,
+            Phase::Running if self.reload.is_none() => self
+                .cfg
+                .exit_idle_after
+                .and_then(|d| self.last_busy.map(|b| b + d)),
             _ => None,
         };
         workers.chain(slots).chain(phase).min()

@@ -24,6 +24,8 @@ fn cfg(workers: u32) -> Config {
         stop_signal: Signal::SIGTERM,
         stop_timeout: Duration::from_secs(30),
         worker_watchdog: None,
+        exit_idle_after: None,
+        lazy: false,
     }
 }
 
@@ -700,4 +702,68 @@ fn worker_that_stops_pinging_gets_sigabrt_and_is_replaced() {
             .any(|a| matches!(a, Action::Log { message, .. } if message.contains("watchdog")))
     );
     assert!(s.st.slots[1].respawn_at.is_some(), "replaced like a crash");
+}
+
+#[test]
+fn idle_supervisor_exits_cleanly_and_busy_one_stays() {
+    let idle = Duration::from_secs(10);
+    let mut s = Sim::new(Config {
+        exit_idle_after: Some(idle),
+        ..cfg(2)
+    });
+    s.ready_gen(1);
+    assert_eq!(s.st.next_deadline(), Some(s.now + idle));
+    // Traffic keeps pushing the deadline out.
+    for _ in 0..5 {
+        s.now += Duration::from_secs(6);
+        s.ev(Event::Traffic { busy: true });
+        let a = s.ev(Event::Tick);
+        assert!(kills(&a).is_empty());
+    }
+    // An idle sample does not reset the clock.
+    s.now += Duration::from_secs(6);
+    s.ev(Event::Traffic { busy: false });
+    let a = s.advance(Duration::from_secs(4));
+    assert!(has_upstream(&a, &Upstream::Stopping));
+    assert_eq!(kills(&a).len(), 2);
+    for p in s.pids(1) {
+        s.exit(p, 0);
+    }
+    assert_eq!(exit_code(&s.log), Some(exit::OK));
+}
+
+#[test]
+fn lazy_supervisor_starts_on_traffic_and_goes_back_to_holding_the_sockets() {
+    let mut s = Sim::new(Config {
+        lazy: true,
+        exit_idle_after: Some(Duration::from_secs(5)),
+        ..cfg(2)
+    });
+    assert_eq!(s.st.phase, Phase::Idle);
+    assert!(spawns(&s.log).is_empty());
+    assert!(
+        has_upstream(&s.log, &Upstream::Ready),
+        "ready while holding the sockets"
+    );
+    let a = s.ev(Event::Traffic { busy: true });
+    assert_eq!(spawns(&a), [(0, 1), (1, 1)]);
+    let a = s.ready_gen(1);
+    assert!(
+        !has_upstream(&a, &Upstream::Ready),
+        "READY=1 was sent once already"
+    );
+    let a = s.advance(Duration::from_secs(5));
+    assert_eq!(kills(&a).len(), 2);
+    assert_eq!(s.st.phase, Phase::Idle);
+    assert!(exit_code(&a).is_none());
+    for p in s.pids(1) {
+        let a = s.exit(p, 0);
+        assert!(spawns(&a).is_empty() && exit_code(&a).is_none());
+    }
+    let a = s.ev(Event::Traffic { busy: true });
+    assert_eq!(
+        spawns(&a),
+        [(0, 2), (1, 2)],
+        "a new generation serves the next connection"
+    );
 }
