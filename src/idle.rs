@@ -295,24 +295,24 @@ mod tests {
 
     #[test]
     fn sees_a_real_connection_on_a_real_listener() {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        let ino = nix::sys::stat::fstat(&l).unwrap().st_ino;
-        let w = Watched {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let ino = nix::sys::stat::fstat(&listener).unwrap().st_ino;
+        let watched = Watched {
             tcp: vec![(AddressFamily::Inet, port, ino)],
             unix: vec![],
         };
-        assert!(!w.sample().busy(), "nobody connected yet");
-        let c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        let u = w.sample();
-        assert_eq!(u.queued, 1, "{u:?}");
-        let (s, _) = l.accept().unwrap();
-        let u = w.sample();
+        assert!(!watched.sample().busy(), "nobody connected yet");
+        let client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let usage = watched.sample();
+        assert_eq!(usage.queued, 1, "{usage:?}");
+        let (server, _) = listener.accept().unwrap();
+        let usage = watched.sample();
         assert_eq!(
-            (u.queued, u.open),
+            (usage.queued, usage.open),
             (0, 1),
-            "the accepted side is open: {u:?}"
+            "the accepted side is open: {usage:?}"
         );
-        drop((c, s));
+        drop((client, server));
     }
 }
