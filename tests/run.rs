@@ -692,3 +692,47 @@ fn worker_that_stops_pinging_its_watchdog_is_replaced() {
     );
     assert!(alive(first[0]["pid"].parse().unwrap()));
 }
+
+/// The Python worker in tests/workers (protocols only, no libraries).
+pub fn pyworker() -> Vec<String> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/workers/pyworker.py");
+    vec!["/usr/bin/python3".into(), script.display().to_string()]
+}
+
+#[test]
+fn reloads_under_load_fail_no_request() {
+    let dir = TempDir::new("zero-downtime");
+    let port = free_port();
+    let py = pyworker();
+    let mut args = vec![
+        "--listen".to_string(),
+        format!("127.0.0.1:{port}"),
+        "--workers".into(),
+        "2".into(),
+    ];
+    args.extend(["--".into(), py[0].clone(), py[1].clone()]);
+    let sup = Run::new(&dir)
+        .args(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .spawn_raw();
+    wait_for("first answer", SECS(20), || http_get(port, "/").ok());
+    let load = crate::support::load::Load::start(port, 2, 2, SECS(120), 1_000_000);
+    load.wait_progress(50);
+    for generation in 2..=6 {
+        let (code, out, err) = sup.ctl(&["reload", "--wait"]);
+        assert_eq!(code, 0, "reload {generation}: {out}{err}\n{}", sup.log());
+        wait_for("the old generation to finish draining", SECS(20), || {
+            let (_, status, _) = sup.ctl(&["status", "--json"]);
+            (!status.contains("\"draining\"")).then_some(())
+        });
+        load.reset_generations();
+        load.wait_progress(20);
+        assert_eq!(
+            load.generations(),
+            [generation.to_string()],
+            "only the new generation answers"
+        );
+    }
+    let s = load.finish();
+    assert_eq!(s.failed, 0, "{s:?}");
+    assert!(s.ok > 100, "{s:?}");
+}

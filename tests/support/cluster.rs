@@ -122,7 +122,7 @@ impl Run {
         Run {
             args: Vec::new(),
             env: Vec::new(),
-            cmd: vec![probe().display().to_string()],
+            cmd: Vec::new(),
             dir: dir.path().to_path_buf(),
         }
     }
@@ -137,7 +137,19 @@ impl Run {
         self
     }
 
-    pub fn spawn(self) -> Supervisor {
+    /// Spawns with the command given after `--` in `args` (instead of the probe).
+    pub fn spawn_raw(mut self) -> Supervisor {
+        if let Some(i) = self.args.iter().position(|a| a == "--") {
+            self.cmd = self.args.split_off(i + 1);
+            self.args.pop();
+        }
+        self.spawn()
+    }
+
+    pub fn spawn(mut self) -> Supervisor {
+        if self.cmd.is_empty() {
+            self.cmd = vec![probe().display().to_string()];
+        }
         let log = self.dir.join("supervisor.log");
         let control = self.dir.join("control.sock");
         let mut c = Command::new(clusterctl());
