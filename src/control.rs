@@ -229,20 +229,36 @@ pub fn call(path: &Path, request: &Request, timeout: Option<Duration>) -> Result
         .context(|| format!("cannot send to {}", path.display()))?;
     let _ = stream.set_read_timeout(timeout);
     let started = Instant::now();
-    let mut out = String::new();
-    stream.read_to_string(&mut out).map_err(|e| {
-        if matches!(
-            e.kind(),
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-        ) {
-            Error::Failed(format!("no answer within {:?}", started.elapsed()))
-        } else {
-            Error::Io {
-                context: format!("cannot read the answer from {}", path.display()),
-                source: e,
+    let mut raw = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(Error::Failed(format!(
+                    "no answer within {:?}",
+                    started.elapsed()
+                )));
+            }
+            // A peer that answered and closed without reading our request resets the
+            // connection: judge what it sent.
+            Err(_) if !raw.is_empty() => break,
+            Err(e) => {
+                return Err(Error::Unavailable(format!(
+                    "{} does not speak the clusterctl control protocol ({e})",
+                    path.display()
+                )));
             }
         }
-    })?;
+    }
+    let out = String::from_utf8_lossy(&raw).into_owned();
     if let Some(rest) = out.strip_prefix("ok") {
         Ok(rest.strip_prefix(' ').unwrap_or(rest).to_string())
     } else if let Some(rest) = out.strip_prefix("error ") {

@@ -209,11 +209,19 @@ unsafe fn child_after_fork(
         // Default dispositions for every signal (an ignored signal stays ignored across
         // execve, and Rust's runtime ignores SIGPIPE), then an empty mask (the supervisor
         // blocks the signals it reads through signalfd).
-        let mut dfl: libc::sigaction = std::mem::zeroed();
-        dfl.sa_sigaction = libc::SIG_DFL;
+        // rt_sigaction directly: glibc refuses signals 32 and 33 (its own), but an ignored
+        // disposition for them would be inherited too. A zeroed kernel `struct sigaction`
+        // is SIG_DFL with no flags and an empty mask.
+        let dfl = [0u64; 4];
         for sig in 1..=libc::SIGRTMAX() {
             if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::sigaction(sig, &raw const dfl, std::ptr::null_mut());
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    dfl.as_ptr(),
+                    std::ptr::null_mut::<u64>(),
+                    8usize,
+                );
             }
         }
         let mut empty: libc::sigset_t = std::mem::zeroed();

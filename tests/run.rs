@@ -473,8 +473,10 @@ fn inherited_sockets_from_systemd_socket_activate() {
     // systemd-socket-activate starts the service on the first connection.
     let body = wait_for("first answer", SECS(20), || http_get(port, "/").ok());
     assert!(body.contains("name=web"), "{body}");
-    let reports: Vec<Report> = read_reports(dir.path()).into_values().collect();
-    assert_eq!(reports.len(), 2);
+    let reports: Vec<Report> = wait_for("both workers' reports", SECS(20), || {
+        let r = read_reports(dir.path());
+        (r.len() == 2).then(|| r.into_values().collect())
+    });
     for r in &reports {
         assert_eq!(r["listen_fdnames"], "web");
         assert_eq!(r["listen_pid"], r["pid"]);
@@ -584,7 +586,9 @@ fn status_scale_and_signals_for_operators() {
     sup.wait_workers(3, 1);
     sup.signal(Signal::SIGTTIN);
     sup.wait_workers(4, 1);
+    // Standard signals do not queue: send the second one after the first took effect.
     sup.signal(Signal::SIGTTOU);
+    sup.wait_workers(3, 1);
     sup.signal(Signal::SIGTTOU);
     sup.wait_workers(2, 1);
     sup.signal(Signal::SIGUSR1);

@@ -69,6 +69,34 @@ pub fn handle(state: &mut State, event: Event, now: Instant) -> Vec<Action> {
         Event::Tick => tick(state, now, &mut out),
     }
     settle(state, now, &mut out);
+    merge_notifications(out)
+}
+
+/// Everything one event tells systemd travels in one datagram (e.g. `READY=1` together
+/// with its `STATUS=`), at the position of the last notification.
+fn merge_notifications(actions: Vec<Action>) -> Vec<Action> {
+    let count = actions
+        .iter()
+        .filter(|a| matches!(a, Action::Notify(_)))
+        .count();
+    if count < 2 {
+        return actions;
+    }
+    let mut merged = Vec::new();
+    let mut seen = 0;
+    let mut out = Vec::with_capacity(actions.len() - count + 1);
+    for a in actions {
+        match a {
+            Action::Notify(m) => {
+                merged.extend(m);
+                seen += 1;
+                if seen == count {
+                    out.push(Action::Notify(std::mem::take(&mut merged)));
+                }
+            }
+            other => out.push(other),
+        }
+    }
     out
 }
 

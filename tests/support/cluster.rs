@@ -72,16 +72,24 @@ pub fn free_port() -> u16 {
 }
 
 /// Polls `f` every 20 ms until it returns `Some`, or panics naming `what` at the deadline.
-pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+pub fn wait_for<T>(what: &str, timeout: Duration, f: impl FnMut() -> Option<T>) -> T {
+    wait_for_or(timeout, f, || what.to_string())
+}
+
+/// Like `wait_for`, with the failure description computed at the deadline.
+pub fn wait_for_or<T>(
+    timeout: Duration,
+    mut f: impl FnMut() -> Option<T>,
+    what: impl FnOnce() -> String,
+) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f() {
             return v;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {}", what());
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -201,28 +209,34 @@ impl Supervisor {
 
     /// Waits until `n` live workers of `generation` have written their report.
     pub fn wait_workers(&self, n: usize, generation: u32) -> Vec<Report> {
-        let what = format!(
-            "{n} live workers of generation {generation}\n{}",
-            self.log()
-        );
-        wait_for(&what, Duration::from_secs(20), || {
-            let mut live: Vec<Report> = self
-                .reports()
-                .into_iter()
-                .filter(|(pid, r)| alive(*pid) && r["cluster_generation"] == generation.to_string())
-                .map(|(_, r)| r)
-                .collect();
-            live.sort_by_key(|r| r["worker_id"].parse::<u32>().unwrap_or(u32::MAX));
-            (live.len() == n).then_some(live)
-        })
+        let gen_text = generation.to_string();
+        wait_for_or(
+            Duration::from_secs(20),
+            || {
+                let mut live: Vec<Report> = self
+                    .reports()
+                    .into_iter()
+                    .filter(|(pid, r)| alive(*pid) && r["cluster_generation"] == gen_text)
+                    .map(|(_, r)| r)
+                    .collect();
+                live.sort_by_key(|r| r["worker_id"].parse::<u32>().unwrap_or(u32::MAX));
+                (live.len() == n).then_some(live)
+            },
+            || {
+                format!(
+                    "{n} live workers of generation {generation}\n{}",
+                    self.log()
+                )
+            },
+        )
     }
 
     /// Waits until the log contains `needle`.
     pub fn wait_log(&self, needle: &str) {
-        wait_for(
-            &format!("log line {needle:?}"),
+        wait_for_or(
             Duration::from_secs(20),
             || self.log().contains(needle).then_some(()),
+            || format!("log line {needle:?} in\n{}", self.log()),
         );
     }
 
@@ -235,10 +249,17 @@ impl Supervisor {
         if let Some(s) = self.status {
             return s;
         }
-        let s = wait_for(
-            &format!("supervisor exit\n{}", self.log()),
+        let log = self.log.clone();
+        let child = &mut self.child;
+        let s = wait_for_or(
             Duration::from_secs(40),
-            || self.child.try_wait().unwrap(),
+            || child.try_wait().unwrap(),
+            || {
+                format!(
+                    "supervisor exit\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            },
         );
         self.status = Some(s);
         s

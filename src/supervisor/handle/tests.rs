@@ -340,7 +340,14 @@ fn stop_drains_then_kills_then_exits_zero() {
     s.ready_gen(1);
     let p = s.pids(1);
     let a = s.ev(Event::Stop);
-    assert_eq!(upstream(&a)[0], [Upstream::Stopping]);
+    assert_eq!(
+        upstream(&a),
+        [vec![
+            Upstream::Stopping,
+            Upstream::Status("stopping: 2 worker(s) left".into())
+        ]],
+        "one datagram"
+    );
     assert_eq!(
         kills(&a),
         [
@@ -386,8 +393,16 @@ fn surge_reload_starts_new_generation_and_drains_old_when_all_ready() {
     s.ready_gen(1);
     let old = s.pids(1);
     let a = s.ev(Event::Reload { ticket: Some(7) });
-    // RELOADING=1 travels alone in its datagram (MONOTONIC_USEC is added when sent).
-    assert_eq!(upstream(&a)[0], [Upstream::Reloading]);
+    // One datagram: RELOADING=1 (MONOTONIC_USEC= is added to it when sent) and the STATUS.
+    assert_eq!(
+        upstream(&a),
+        [vec![
+            Upstream::Reloading,
+            Upstream::Status(
+                "reloading to generation 2: 0/2 new workers ready; 2/2 serving".into()
+            )
+        ]]
+    );
     assert_eq!(spawns(&a), [(0, 2), (1, 2)]);
     let new = s.pids(2);
     let a = s.ready(new[0]);
