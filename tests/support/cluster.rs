@@ -87,9 +87,11 @@ pub fn wait_for_or<T>(
         if let Some(v) = f() {
             return v;
         }
-        if Instant::now() >= deadline {
-            panic!("timed out after {timeout:?} waiting for {}", what());
-        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {}",
+            what()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
