@@ -740,3 +740,52 @@ fn reloads_under_load_fail_no_request() {
     assert_eq!(s.failed, 0, "{s:?}");
     assert!(s.ok > 100, "{s:?}");
 }
+
+#[test]
+fn gunicorn_as_the_worker_reloads_with_zero_failures() {
+    let gunicorn = std::path::Path::new("/usr/bin/gunicorn");
+    assert!(
+        gunicorn.exists(),
+        "gunicorn is needed: apt-get install gunicorn (scripts/test.sh does)"
+    );
+    let dir = TempDir::new("gunicorn");
+    let port = free_port();
+    let app_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/workers");
+    let app_dir = app_dir.display().to_string();
+    let sup = Run::new(&dir)
+        .args(&[
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--workers",
+            "2",
+            "--",
+            "/usr/bin/gunicorn",
+            "--workers",
+            "2",
+            "--graceful-timeout",
+            "10",
+            // Sync workers notice a stop request at the latest after timeout/2.
+            "--timeout",
+            "4",
+            "--chdir",
+            &app_dir,
+            "wsgi_app:app",
+        ])
+        .spawn_raw();
+    wait_for("gunicorn answers", SECS(30), || http_get(port, "/").ok());
+    let load = crate::support::load::Load::start(port, 3, 0, SECS(120), 1_000_000);
+    load.wait_progress(50);
+    for generation in 2..=4 {
+        let (code, out, err) = sup.ctl(&["reload", "--wait"]);
+        assert_eq!(code, 0, "reload {generation}: {out}{err}\n{}", sup.log());
+        wait_for("the old generation to finish draining", SECS(30), || {
+            let (_, status, _) = sup.ctl(&["status", "--json"]);
+            (!status.contains("\"draining\"")).then_some(())
+        });
+        load.reset_generations();
+        load.wait_progress(20);
+        assert_eq!(load.generations(), [generation.to_string()]);
+    }
+    let s = load.finish();
+    assert_eq!(s.failed, 0, "{s:?}\n{}", sup.log());
+}
