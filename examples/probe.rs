@@ -77,7 +77,8 @@ fn main() {
     let listen_fds = env_string("LISTEN_FDS");
     let listen_fdnames = env_string("LISTEN_FDNAMES");
     let names: Vec<&str> = listen_fdnames.split(':').collect();
-    let fd_count: usize = listen_fds.parse().unwrap_or(0);
+    // Bounded, so that a silly LISTEN_FDS cannot keep the probe busy.
+    let fd_count: usize = listen_fds.parse().unwrap_or(0).min(1024);
 
     let mode_text = read_mode(probe_dir.as_deref(), &worker_id, &generation);
     let mode = Mode::parse(&mode_text);
