@@ -1,0 +1,6 @@
+//! Entry point of the single `integration` test binary: every integration test
+//! module is listed here, so they share one compilation and the `support`
+//! helpers (Cargo's `autotests` is off; see Cargo.toml).
+
+mod support;
+mod systemd_smoke;
