@@ -1,4 +1,8 @@
-//! All integration tests, compiled into one test binary (see `[[test]]` in Cargo.toml).
+//! Entry point of the single `integration` test binary: every integration test
+//! module is listed here, so they share one compilation and the `support`
+//! helpers (Cargo's `autotests` is off; see Cargo.toml).
 
 mod run;
 mod support;
+mod systemd_e2e;
+mod systemd_smoke;

@@ -1,4 +1,150 @@
-//! Shared helpers for the integration tests.
+//! Shared helpers for the single `integration` test binary (see `tests/lib.rs`).
+//!
+//! `systemd` boots a throw-away systemd as PID 1 in private namespaces; the small
+//! free functions here are generic polling and networking helpers that tests and
+//! the harness share.
 
 pub mod cluster;
 pub mod load;
+pub mod systemd;
+
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, TcpListener};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+
+/// How often the polling helpers re-check their condition.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+///
+/// The port is released before returning, so another process could grab it in
+/// between; that race is accepted (the kernel hands out ephemeral ports
+/// round-robin, which makes an immediate reuse unlikely).
+pub fn free_port() -> u16 {
+    let listener =
+        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0 to find a free port");
+    listener
+        .local_addr()
+        .expect("local address of the probe listener")
+        .port()
+}
+
+/// Calls `condition` every [`POLL_INTERVAL`] until it returns `true` (then returns
+/// `true`) or `deadline` has passed (then returns `false`). The condition is always
+/// evaluated at least once, and once more after the deadline.
+pub fn poll_until(deadline: Instant, mut condition: impl FnMut() -> bool) -> bool {
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// Like [`poll_until`], but panics with `what` when the deadline passes.
+pub fn wait_until(deadline: Instant, what: &str, condition: impl FnMut() -> bool) {
+    assert!(
+        poll_until(deadline, condition),
+        "timed out waiting for: {what}"
+    );
+}
+
+/// Runs `cmd` to completion like [`Command::output`], feeding it `input` on stdin
+/// (or `/dev/null`), but never for longer than `timeout`.
+///
+/// The command gets its own process group. On timeout the whole group is
+/// SIGKILLed (this also reaches the grandchildren that e.g. `nsenter --pid`
+/// forks) and an [`io::ErrorKind::TimedOut`] error carrying whatever output was
+/// collected is returned. If the command exits but something it left behind
+/// keeps its stdout/stderr open past the deadline, that group is killed too.
+pub fn output_with_deadline(
+    cmd: &mut Command,
+    input: Option<&[u8]>,
+    timeout: Duration,
+) -> io::Result<Output> {
+    let mut deadline = Instant::now() + timeout;
+    cmd.stdin(if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    std::os::unix::process::CommandExt::process_group(cmd, 0);
+    let mut child = cmd.spawn()?;
+    let group = Pid::from_raw(i32::try_from(child.id()).expect("pid fits in i32"));
+
+    if let (Some(data), Some(mut pipe)) = (input, child.stdin.take()) {
+        let data = data.to_vec();
+        // Detached on purpose: it ends when the data is written or the pipe breaks.
+        thread::spawn(move || {
+            let _ = pipe.write_all(&data);
+        });
+    }
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    for (index, mut pipe) in [
+        (0, Box::new(stdout) as Box<dyn Read + Send>),
+        (1, Box::new(stderr)),
+    ] {
+        let tx = tx.clone();
+        thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            let _ = tx.send((index, bytes));
+        });
+    }
+    drop(tx);
+
+    let mut killed = false;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = killpg(group, Signal::SIGKILL);
+            killed = true;
+            break child.wait()?;
+        }
+        thread::sleep(POLL_INTERVAL);
+    };
+
+    let mut streams: [Option<Vec<u8>>; 2] = [None, None];
+    while streams.iter().any(Option::is_none) {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok((index, bytes)) => streams[index] = Some(bytes),
+            Err(mpsc::RecvTimeoutError::Timeout) if !killed => {
+                let _ = killpg(group, Signal::SIGKILL);
+                killed = true;
+                deadline = Instant::now() + Duration::from_secs(5);
+            }
+            Err(_) => break,
+        }
+    }
+    let [stdout, stderr] = streams.map(Option::unwrap_or_default);
+    if killed {
+        return Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "timed out after {timeout:?} (process group killed); stdout so far:\n{}\nstderr so far:\n{}",
+                String::from_utf8_lossy(&stdout),
+                String::from_utf8_lossy(&stderr)
+            ),
+        ));
+    }
+    Ok(Output {
+        status,
+        stdout,
+        stderr,
+    })
+}
