@@ -31,7 +31,7 @@ pub enum Command {
     Run(RunArgs),
     /// Render APP.socket and APP.service for this command
     #[command(name = "gen-units", after_help = crate::units::GEN_UNITS_EXAMPLES)]
-    GenUnits(crate::units::GenUnitsArgs),
+    GenUnits(Box<crate::units::GenUnitsArgs>),
 }
 
 const RUN_EXAMPLES: &str = "Examples:
