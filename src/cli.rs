@@ -32,7 +32,7 @@ pub enum Command {
     Run(RunArgs),
     /// Render APP.socket and APP.service for this command
     #[command(name = "gen-units", after_help = crate::units::GEN_UNITS_EXAMPLES)]
-    GenUnits(crate::units::GenUnitsArgs),
+    GenUnits(Box<crate::units::GenUnitsArgs>),
     /// Start a new worker generation on the same sockets, then drain the old one
     #[command(after_help = RELOAD_EXAMPLES)]
     Reload(ReloadArgs),

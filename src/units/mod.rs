@@ -1,0 +1,881 @@
+//! `clusterctl gen-units`: renders APP.socket and APP.service so that any network server runs
+//! under `clusterctl run` with socket activation, zero-downtime reloads and sandboxing.
+//!
+//! The flow is check (`spec.rs`) → render both files (`render.rs`, `quote.rs`, `templates/`)
+//! → print or write (`output.rs`); any error stops before the first byte is written.
+//! `units/` in the repository holds rendered examples that a test keeps in sync.
+
+mod output;
+mod quote;
+mod render;
+mod spec;
+#[cfg(test)]
+mod unquote;
+mod version;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::cli::SupervisorOpts;
+use crate::config::{Dur, ListenSpec};
+use crate::error::Result;
+
+pub use render::{UnitFile, Units};
+pub use spec::{Host, System, UnitSpec};
+
+pub const GEN_UNITS_EXAMPLES: &str = "Examples:
+  # Print the units for 4 workers of a Python server on port 8080 (systemd version of this
+  # machine, clusterctl at its current path):
+  clusterctl gen-units myapp --listen 8080 --workers 4 -- python3 -m myserver
+
+  # Write them for a Debian 12 host (systemd 252), Node app, JIT-compatible sandboxing:
+  clusterctl gen-units web --listen web=127.0.0.1:3000 --hardening jit \\
+      --systemd-version 252 --clusterctl /usr/bin/clusterctl \\
+      --environment NODE_ENV=production -o /etc/systemd/system -- /usr/bin/node /srv/web/server.js
+
+  # A user service (systemctl --user):
+  clusterctl gen-units dev --listen 8000 --user-units -o ~/.config/systemd/user -- ./server
+
+Every argument after -- reaches the worker unchanged: gen-units quotes it for systemd
+(spaces, quotes, backslashes, %, $). A relative CMD is resolved now (PATH, or the current
+directory for ./x) to an absolute path. -o refuses to replace a file with different content
+unless --force is given. See units/README.md for checked-in examples.";
+
+/// `clusterctl gen-units APP [OPTIONS] -- CMD [ARGS...]`.
+#[derive(Debug, Args)]
+pub struct GenUnitsArgs {
+    /// Unit name prefix: renders APP.socket and APP.service (ASCII letters, digits, '_', '.',
+    /// '-')
+    #[arg(value_name = "APP")]
+    pub app: String,
+
+    /// Socket systemd listens on (ListenStream=): PORT, HOST:PORT, `[V6]:PORT` or unix:/PATH,
+    /// optionally named NAME=ADDRESS (FileDescriptorName=; one name for all) (repeatable)
+    #[arg(long = "listen", value_name = "SPEC", required = true)]
+    pub listen: Vec<ListenSpec>,
+
+    #[command(flatten)]
+    pub opts: SupervisorOpts,
+
+    /// WatchdogSec=: systemd restarts the service if clusterctl stops pinging this long
+    #[arg(long, value_name = "DUR")]
+    pub watchdog: Option<Dur>,
+
+    /// Run as this existing user (User=) instead of a dynamic one (DynamicUser=yes)
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
+
+    /// Run with this group (Group=)
+    #[arg(long, value_name = "NAME")]
+    pub group: Option<String>,
+
+    /// WorkingDirectory= of clusterctl and its workers (absolute)
+    #[arg(long, value_name = "DIR")]
+    pub working_directory: Option<PathBuf>,
+
+    /// Environment variable for clusterctl and its workers (Environment=) (repeatable)
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub environment: Vec<String>,
+
+    /// File of KEY=VALUE lines read by systemd at start (EnvironmentFile=, absolute)
+    #[arg(long, value_name = "PATH")]
+    pub environment_file: Option<PathBuf>,
+
+    /// Sandboxing: strict, jit (strict without MemoryDenyWriteExecute= and ProcSubset=, for
+    /// JIT runtimes such as Node, the JVM or LuaJIT) or none
+    #[arg(long, value_name = "LEVEL", default_value = "strict")]
+    pub hardening: String,
+
+    /// systemd version of the machine that will run the units (>= 253 gets
+    /// Type=notify-reload), or `auto` to ask `systemctl --version` here
+    #[arg(long, value_name = "N|auto", default_value = "auto")]
+    pub systemd_version: String,
+
+    /// Description= of the service (default: "APP (clusterctl)")
+    #[arg(long, value_name = "TEXT")]
+    pub description: Option<String>,
+
+    /// Render units for a user manager (systemctl --user): WantedBy=default.target, no
+    /// User=/DynamicUser=, only sandboxing that works without privileges
+    #[arg(long)]
+    pub user_units: bool,
+
+    /// Absolute path of clusterctl on the target machine (default: this binary)
+    #[arg(long, value_name = "PATH")]
+    pub clusterctl: Option<PathBuf>,
+
+    /// Write APP.socket and APP.service into DIR instead of printing them
+    #[arg(short = 'o', long, value_name = "DIR")]
+    pub output_dir: Option<PathBuf>,
+
+    /// With -o: replace existing files whose content differs
+    #[arg(long, requires = "output_dir")]
+    pub force: bool,
+
+    /// The worker command and its arguments
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<OsString>,
+}
+
+/// Checks and renders both units without writing anything.
+pub fn render_units(args: &GenUnitsArgs, host: &dyn Host) -> Result<Units> {
+    let spec = UnitSpec::from_args(args, host)?;
+    render::render(&spec)
+}
+
+/// Runs `clusterctl gen-units`.
+pub fn gen_units(args: &GenUnitsArgs) -> Result<()> {
+    let units = render_units(args, &System)?;
+    let files = units.files();
+    match &args.output_dir {
+        None => {
+            print!("{}", output::to_stdout_text(&files));
+        }
+        Some(dir) => {
+            for (path, outcome) in output::write_files(dir, &files, args.force)? {
+                let what = match outcome {
+                    output::Outcome::Created => "wrote",
+                    output::Outcome::Replaced => "replaced",
+                    output::Outcome::Unchanged => "unchanged",
+                };
+                eprintln!("{what} {}", path.display());
+            }
+            eprint!("{}", output::next_steps(&args.app, dir, args.user_units));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use clap::Parser;
+
+    use super::unquote::{parse_command_line, parse_env_line, resolve_literal};
+    use super::*;
+    use crate::error::Error;
+
+    /// A machine with systemd 252, clusterctl in /usr/bin, and `python3` in /usr/bin.
+    struct FakeHost;
+
+    impl Host for FakeHost {
+        fn systemd_version(&self) -> Result<u32> {
+            Ok(252)
+        }
+        fn current_exe(&self) -> Result<PathBuf> {
+            Ok("/usr/bin/clusterctl".into())
+        }
+        fn resolve_program(&self, program: &Path) -> Result<PathBuf> {
+            if program.is_absolute() {
+                Ok(program.into())
+            } else if program == Path::new("python3") {
+                Ok("/usr/bin/python3".into())
+            } else {
+                Err(Error::config(format!(
+                    "{} not found in PATH",
+                    program.display()
+                )))
+            }
+        }
+    }
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        args: GenUnitsArgs,
+    }
+
+    fn args(argv: &[&str]) -> GenUnitsArgs {
+        Wrap::try_parse_from(std::iter::once("gen-units").chain(argv.iter().copied()))
+            .unwrap_or_else(|e| panic!("{argv:?}: {e}"))
+            .args
+    }
+
+    fn render(argv: &[&str]) -> Units {
+        render_units(&args(argv), &FakeHost).unwrap_or_else(|e| panic!("{argv:?}: {e}"))
+    }
+
+    fn render_err(argv: &[&str]) -> Error {
+        render_units(&args(argv), &FakeHost).expect_err("should fail")
+    }
+
+    /// The values of `Key=` lines in a unit file, in order.
+    fn values(content: &str, key: &str) -> Vec<String> {
+        content
+            .lines()
+            .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn value(content: &str, key: &str) -> Option<String> {
+        let v = values(content, key);
+        assert!(v.len() <= 1, "{key} appears {} times", v.len());
+        v.into_iter().next()
+    }
+
+    const BASIC: &[&str] = &["demo", "--listen", "8080", "--", "/srv/worker"];
+
+    #[test]
+    fn basic_units() {
+        let u = render(BASIC);
+        assert_eq!(u.socket.name, "demo.socket");
+        assert_eq!(u.service.name, "demo.service");
+        let (so, se) = (&u.socket.content, &u.service.content);
+        assert_eq!(values(so, "ListenStream"), ["8080"]);
+        assert_eq!(value(so, "FileDescriptorName"), None);
+        assert_eq!(value(so, "Backlog").as_deref(), Some("4096"));
+        assert_eq!(value(so, "NoDelay").as_deref(), Some("true"));
+        assert_eq!(value(so, "ReusePort").as_deref(), Some("no"));
+        assert_eq!(value(so, "WantedBy").as_deref(), Some("sockets.target"));
+        assert_eq!(value(se, "Requires").as_deref(), Some("demo.socket"));
+        assert_eq!(value(se, "After").as_deref(), Some("demo.socket"));
+        assert_eq!(
+            value(se, "ExecStart").as_deref(),
+            Some("/usr/bin/clusterctl run -- /srv/worker")
+        );
+        assert_eq!(value(se, "KillMode").as_deref(), Some("mixed"));
+        assert_eq!(value(se, "TimeoutStartSec").as_deref(), Some("90s"));
+        assert_eq!(value(se, "TimeoutStopSec").as_deref(), Some("45s"));
+        assert_eq!(value(se, "Restart").as_deref(), Some("on-failure"));
+        assert_eq!(value(se, "RestartPreventExitStatus").as_deref(), Some("78"));
+        assert_eq!(value(se, "NotifyAccess").as_deref(), Some("main"));
+        assert_eq!(value(se, "RuntimeDirectory").as_deref(), Some("demo"));
+        assert_eq!(value(se, "SyslogIdentifier").as_deref(), Some("demo"));
+        assert_eq!(value(se, "DynamicUser").as_deref(), Some("yes"));
+        assert_eq!(value(se, "WantedBy").as_deref(), Some("multi-user.target"));
+        assert_eq!(value(se, "Also").as_deref(), Some("demo.socket"));
+        assert_eq!(
+            value(se, "Description").as_deref(),
+            Some("demo (clusterctl)")
+        );
+        for content in [so, se] {
+            assert!(content.starts_with("# Generated by clusterctl gen-units"));
+            assert!(content.contains(
+                "#   clusterctl gen-units demo --listen 8080 --systemd-version 252 \
+                 --clusterctl /usr/bin/clusterctl -- /srv/worker\n"
+            ));
+            assert!(content.ends_with('\n') && !content.ends_with("\n\n"));
+            assert!(!content.contains("\n\n\n"), "{content}");
+        }
+    }
+
+    #[test]
+    fn version_switch() {
+        let v252 = render(&[
+            "demo",
+            "--listen",
+            "80",
+            "--systemd-version",
+            "252",
+            "--",
+            "/x",
+        ]);
+        let se = &v252.service.content;
+        assert_eq!(value(se, "Type").as_deref(), Some("notify"));
+        assert_eq!(
+            value(se, "ExecReload").as_deref(),
+            Some("/usr/bin/clusterctl reload --wait --control %t/demo/control.sock")
+        );
+        let v253 = render(&[
+            "demo",
+            "--listen",
+            "80",
+            "--systemd-version",
+            "253",
+            "--",
+            "/x",
+        ]);
+        let se = &v253.service.content;
+        assert_eq!(value(se, "Type").as_deref(), Some("notify-reload"));
+        assert_eq!(value(se, "ExecReload"), None);
+        // auto asks the host (252 here).
+        let auto = render(&["demo", "--listen", "80", "--", "/x"]);
+        assert_eq!(
+            value(&auto.service.content, "Type").as_deref(),
+            Some("notify")
+        );
+        assert!(auto.service.content.contains("--systemd-version 252"));
+        // The control socket path resolves to the supervisor's $RUNTIME_DIRECTORY.
+        let reload = value(&v252.service.content, "ExecReload").unwrap();
+        assert_eq!(
+            parse_command_line(&reload).unwrap(),
+            [
+                "/usr/bin/clusterctl",
+                "reload",
+                "--wait",
+                "--control",
+                "/run/demo/control.sock"
+            ]
+        );
+    }
+
+    #[test]
+    fn supervisor_options_reach_exec_start() {
+        let u = render(&[
+            "demo",
+            "--listen",
+            "80",
+            "--workers",
+            "3",
+            "--ready",
+            "after:2s",
+            "--ready-timeout",
+            "2min",
+            "--restart-delay",
+            "1s..1min",
+            "--stop-signal",
+            "QUIT",
+            "--stop-timeout",
+            "5s",
+            "--",
+            "/x",
+        ]);
+        let se = &u.service.content;
+        assert_eq!(
+            value(se, "ExecStart").as_deref(),
+            Some(
+                "/usr/bin/clusterctl run --workers 3 --ready after:2s --ready-timeout 2min \
+                 --restart-delay 1s..1min --stop-signal SIGQUIT --stop-timeout 5s -- /x"
+            )
+        );
+        assert_eq!(value(se, "TimeoutStartSec").as_deref(), Some("150s"));
+        assert_eq!(value(se, "TimeoutStopSec").as_deref(), Some("20s"));
+        // A readiness delay longer than the timeout extends TimeoutStartSec= too.
+        let u = render(&[
+            "demo",
+            "--listen",
+            "80",
+            "--ready",
+            "after:2min",
+            "--",
+            "/x",
+        ]);
+        assert_eq!(
+            value(&u.service.content, "TimeoutStartSec").as_deref(),
+            Some("150s")
+        );
+    }
+
+    #[test]
+    fn options_map_to_directives() {
+        let u = render(&[
+            "demo",
+            "--listen",
+            "web=127.0.0.1:80",
+            "--listen",
+            "web=[::1]:80",
+            "--watchdog",
+            "30s",
+            "--user",
+            "www-data",
+            "--group",
+            "www-data",
+            "--working-directory",
+            "/srv/my app",
+            "--environment",
+            "A=1",
+            "--environment",
+            "B=say \"hi\" 100%",
+            "--environment-file",
+            "/etc/demo.env",
+            "--description",
+            "Demo 100% \"web\"",
+            "--",
+            "python3",
+            "-m",
+            "demo",
+        ]);
+        let (so, se) = (&u.socket.content, &u.service.content);
+        assert_eq!(values(so, "ListenStream"), ["127.0.0.1:80", "[::1]:80"]);
+        assert_eq!(value(so, "FileDescriptorName").as_deref(), Some("web"));
+        assert_eq!(value(se, "WatchdogSec").as_deref(), Some("30s"));
+        assert_eq!(value(se, "User").as_deref(), Some("www-data"));
+        assert_eq!(value(se, "Group").as_deref(), Some("www-data"));
+        assert_eq!(value(se, "DynamicUser"), None);
+        assert_eq!(
+            value(se, "WorkingDirectory").as_deref(),
+            Some("/srv/my app")
+        );
+        assert_eq!(
+            value(se, "EnvironmentFile").as_deref(),
+            Some("/etc/demo.env")
+        );
+        let env: Vec<String> = values(se, "Environment")
+            .iter()
+            .flat_map(|l| parse_env_line(l).unwrap())
+            .collect();
+        assert_eq!(env, ["A=1", "B=say \"hi\" 100%"]);
+        let desc = value(se, "Description").unwrap();
+        assert_eq!(resolve_literal(&desc).unwrap(), "Demo 100% \"web\"");
+        let exec = value(se, "ExecStart").unwrap();
+        assert_eq!(
+            parse_command_line(&exec).unwrap(),
+            [
+                "/usr/bin/clusterctl",
+                "run",
+                "--",
+                "/usr/bin/python3",
+                "-m",
+                "demo"
+            ]
+        );
+        // Group alone keeps the dynamic user.
+        let u = render(&["demo", "--listen", "80", "--group", "web", "--", "/x"]);
+        assert_eq!(
+            value(&u.service.content, "DynamicUser").as_deref(),
+            Some("yes")
+        );
+        assert_eq!(value(&u.service.content, "Group").as_deref(), Some("web"));
+    }
+
+    #[test]
+    fn unix_and_mixed_sockets() {
+        let u = render(&["demo", "--listen", "unix:/run/demo 100%.sock", "--", "/x"]);
+        let so = &u.socket.content;
+        assert_eq!(values(so, "ListenStream"), ["/run/demo 100%%.sock"]);
+        assert_eq!(value(so, "NoDelay"), None);
+        assert!(!so.contains("NoDelay= is left out"));
+        let u = render(&[
+            "demo",
+            "--listen",
+            "80",
+            "--listen",
+            "unix:/run/d.sock",
+            "--",
+            "/x",
+        ]);
+        assert_eq!(value(&u.socket.content, "NoDelay"), None);
+        assert!(u.socket.content.contains("NoDelay= is left out"));
+    }
+
+    #[test]
+    fn hardening_levels() {
+        let strict = render(BASIC).service.content;
+        for key in [
+            "NoNewPrivileges",
+            "CapabilityBoundingSet",
+            "AmbientCapabilities",
+            "PrivateTmp",
+            "PrivateDevices",
+            "PrivateUsers",
+            "PrivateMounts",
+            "ProtectSystem",
+            "ProtectHome",
+            "ProtectKernelTunables",
+            "ProtectKernelModules",
+            "ProtectKernelLogs",
+            "ProtectControlGroups",
+            "ProtectClock",
+            "ProtectHostname",
+            "ProtectProc",
+            "ProcSubset",
+            "RestrictAddressFamilies",
+            "RestrictNamespaces",
+            "RestrictRealtime",
+            "RestrictSUIDSGID",
+            "LockPersonality",
+            "MemoryDenyWriteExecute",
+            "RemoveIPC",
+            "SystemCallArchitectures",
+            "SystemCallErrorNumber",
+            "UMask",
+            "DevicePolicy",
+            "KeyringMode",
+        ] {
+            assert!(!values(&strict, key).is_empty(), "strict lacks {key}");
+        }
+        assert_eq!(values(&strict, "CapabilityBoundingSet"), [""]);
+        assert_eq!(
+            values(&strict, "SystemCallFilter"),
+            ["@system-service", "~@privileged @resources"]
+        );
+        assert_eq!(value(&strict, "ProtectHome").as_deref(), Some("yes"));
+        assert_eq!(value(&strict, "IPAddressDeny"), None);
+        assert_eq!(value(&strict, "PrivateNetwork"), None);
+
+        let jit = render(&["demo", "--listen", "80", "--hardening", "jit", "--", "/x"]);
+        let jit = jit.service.content;
+        assert_eq!(value(&jit, "MemoryDenyWriteExecute"), None);
+        assert_eq!(value(&jit, "ProcSubset"), None);
+        assert_eq!(value(&jit, "PrivateUsers").as_deref(), Some("yes"));
+        let strict_keys = strict
+            .lines()
+            .filter(|l| l.contains('=') && !l.starts_with('#'));
+        let jit_keys: Vec<&str> = jit.lines().collect();
+        for line in strict_keys {
+            if !line.starts_with("MemoryDenyWriteExecute=")
+                && !line.starts_with("ProcSubset=")
+                && !line.starts_with("ExecStart=")
+                && !line.starts_with("ExecReload=")
+            {
+                assert!(jit_keys.contains(&line), "jit lacks {line}");
+            }
+        }
+
+        let none = render(&["demo", "--listen", "80", "--hardening", "none", "--", "/x"]);
+        let none = none.service.content;
+        assert_eq!(value(&none, "NoNewPrivileges"), None);
+        assert_eq!(value(&none, "SystemCallFilter"), None);
+        assert!(!none.contains("Sandboxing"));
+        assert_eq!(value(&none, "DynamicUser").as_deref(), Some("yes"));
+
+        let err = render_err(&[
+            "demo",
+            "--listen",
+            "80",
+            "--hardening",
+            "paranoid",
+            "--",
+            "/x",
+        ]);
+        assert!(matches!(err, Error::Config(_)), "{err}");
+    }
+
+    #[test]
+    fn protect_home_follows_paths() {
+        for path_args in [
+            &["--", "/home/me/server"][..],
+            &["--working-directory", "/root/app", "--", "/x"],
+            &["--clusterctl", "/home/me/bin/clusterctl", "--", "/x"],
+        ] {
+            let mut argv = vec!["demo", "--listen", "80"];
+            argv.extend_from_slice(path_args);
+            let u = render(&argv);
+            assert_eq!(
+                value(&u.service.content, "ProtectHome").as_deref(),
+                Some("read-only"),
+                "{argv:?}"
+            );
+        }
+        let u = render(&["demo", "--listen", "80", "--", "/homeless/x"]);
+        assert_eq!(
+            value(&u.service.content, "ProtectHome").as_deref(),
+            Some("yes")
+        );
+    }
+
+    #[test]
+    fn older_systemd_gets_only_known_settings() {
+        let u = render(&[
+            "demo",
+            "--listen",
+            "80",
+            "--systemd-version",
+            "243",
+            "--",
+            "/x",
+        ]);
+        let se = &u.service.content;
+        for key in [
+            "ProtectProc",
+            "ProcSubset",
+            "ProtectClock",
+            "ProtectKernelLogs",
+        ] {
+            assert_eq!(value(se, key), None, "{key} is newer than 243");
+        }
+        for key in ["ProtectHostname", "RestrictSUIDSGID", "PrivateMounts"] {
+            assert!(value(se, key).is_some(), "{key} exists in 243");
+        }
+        let err = render_err(&[
+            "demo",
+            "--listen",
+            "80",
+            "--systemd-version",
+            "238",
+            "--",
+            "/x",
+        ]);
+        assert!(matches!(err, Error::Config(_)));
+    }
+
+    #[test]
+    fn user_units() {
+        let u = render(&["demo", "--listen", "8080", "--user-units", "--", "/x"]);
+        let se = &u.service.content;
+        assert_eq!(value(se, "WantedBy").as_deref(), Some("default.target"));
+        assert_eq!(
+            value(&u.socket.content, "WantedBy").as_deref(),
+            Some("sockets.target")
+        );
+        for absent in [
+            "DynamicUser",
+            "User",
+            "Group",
+            "PrivateUsers",
+            "PrivateTmp",
+            "ProtectSystem",
+            "ProtectHome",
+            "ProtectProc",
+            "ProcSubset",
+            "ProtectControlGroups",
+            "RemoveIPC",
+            "CapabilityBoundingSet",
+            "DevicePolicy",
+            "KeyringMode",
+            "PrivateDevices",
+        ] {
+            assert_eq!(
+                value(se, absent),
+                None,
+                "{absent} does not work in user units"
+            );
+        }
+        for present in [
+            "NoNewPrivileges",
+            "RestrictAddressFamilies",
+            "RestrictNamespaces",
+            "MemoryDenyWriteExecute",
+            "SystemCallArchitectures",
+            "LockPersonality",
+            "UMask",
+        ] {
+            assert!(
+                value(se, present).is_some(),
+                "{present} works in user units"
+            );
+        }
+        assert!(se.contains("systemd-analyze security --user demo.service"));
+        assert!(se.contains("systemctl --user edit demo.service"));
+        // %t is $XDG_RUNTIME_DIR there, as is RuntimeDirectory=.
+        assert!(se.contains("--control %t/demo/control.sock"));
+        let err = render_err(&[
+            "demo",
+            "--listen",
+            "80",
+            "--user-units",
+            "--user",
+            "x",
+            "--",
+            "/x",
+        ]);
+        assert!(matches!(err, Error::Config(_)));
+    }
+
+    #[test]
+    fn awkward_arguments_arrive_unchanged() {
+        let awkward = [
+            "",
+            "two words",
+            "100%",
+            "%n",
+            "$HOME",
+            "${HOME}",
+            "a\"b",
+            "it's",
+            "back\\slash",
+            ";",
+            "naïve 日本",
+            "--flag=a b",
+            "\\;",
+        ];
+        let mut argv = vec!["demo", "--listen", "80", "--", "/srv/worker"];
+        argv.extend_from_slice(&awkward);
+        let u = render(&argv);
+        let exec = value(&u.service.content, "ExecStart").unwrap();
+        let parsed = parse_command_line(&exec).unwrap();
+        assert_eq!(parsed[..3], ["/usr/bin/clusterctl", "run", "--"]);
+        assert_eq!(parsed[3], "/srv/worker");
+        assert_eq!(parsed[4..], awkward);
+    }
+
+    #[test]
+    fn bad_input_is_a_config_error() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["a@b", "--listen", "80", "--", "/x"], "template"),
+            (&["demo", "--listen", "80", "--", "/x", "a\nb"], "newline"),
+            (&["demo", "--listen", "80", "--", "/x", "a\tb"], "tab"),
+            (
+                &[
+                    "demo",
+                    "--listen",
+                    "80",
+                    "--description",
+                    "a\nb",
+                    "--",
+                    "/x",
+                ],
+                "newline",
+            ),
+            (
+                &[
+                    "demo",
+                    "--listen",
+                    "80",
+                    "--environment",
+                    "A=x\ny",
+                    "--",
+                    "/x",
+                ],
+                "newline",
+            ),
+            (
+                &[
+                    "demo",
+                    "--listen",
+                    "80",
+                    "--environment",
+                    "1A=x",
+                    "--",
+                    "/x",
+                ],
+                "variable name",
+            ),
+            (
+                &[
+                    "demo",
+                    "--listen",
+                    "80",
+                    "--environment",
+                    "NOVALUE",
+                    "--",
+                    "/x",
+                ],
+                "KEY=VALUE",
+            ),
+            (
+                &[
+                    "demo",
+                    "--listen",
+                    "80",
+                    "--working-directory",
+                    "rel",
+                    "--",
+                    "/x",
+                ],
+                "absolute",
+            ),
+            (
+                &[
+                    "demo",
+                    "--listen",
+                    "80",
+                    "--environment-file",
+                    "/a/../b",
+                    "--",
+                    "/x",
+                ],
+                "..",
+            ),
+            (
+                &[
+                    "demo",
+                    "--listen",
+                    "80",
+                    "--clusterctl",
+                    "bin/clusterctl",
+                    "--",
+                    "/x",
+                ],
+                "absolute",
+            ),
+            (
+                &[
+                    "demo",
+                    "--listen",
+                    "80",
+                    "--clusterctl",
+                    "/opt/a'b",
+                    "--",
+                    "/x",
+                ],
+                "'",
+            ),
+            (&["demo", "--listen", "80", "--", "not-in-path"], "PATH"),
+            (
+                &["demo", "--listen", "80", "--listen", "80", "--", "/x"],
+                "twice",
+            ),
+            (
+                &["demo", "--listen", "a=80", "--listen", "b=81", "--", "/x"],
+                "FileDescriptorName",
+            ),
+            (
+                &["demo", "--listen", "80", "--watchdog", "0", "--", "/x"],
+                "watchdog",
+            ),
+            (
+                &["demo", "--listen", "80", "--user", "9bad name", "--", "/x"],
+                "--user",
+            ),
+            (
+                &[
+                    "demo",
+                    "--listen",
+                    "80",
+                    "--systemd-version",
+                    "new",
+                    "--",
+                    "/x",
+                ],
+                "version",
+            ),
+            (
+                &[
+                    "demo",
+                    "--listen",
+                    "80",
+                    "--description",
+                    "ends\\",
+                    "--",
+                    "/x",
+                ],
+                "backslash",
+            ),
+        ];
+        for (argv, needle) in cases {
+            let err = render_err(argv);
+            assert!(matches!(err, Error::Config(_)), "{argv:?}: {err:?}");
+            assert!(err.to_string().contains(needle), "{argv:?}: {err}");
+            assert_eq!(err.exit_code(), crate::error::exit::CONFIG);
+        }
+    }
+
+    #[test]
+    fn non_utf8_argument_is_refused() {
+        use std::os::unix::ffi::OsStringExt;
+        let mut a = args(BASIC);
+        a.command.push(OsString::from_vec(b"caf\xe9".to_vec()));
+        let err = render_units(&a, &FakeHost).unwrap_err();
+        assert!(
+            err.to_string().contains("argument 1 of the worker command"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("UTF-8"), "{err}");
+    }
+
+    #[test]
+    fn no_files_written_on_error() {
+        let dir = std::env::temp_dir().join(format!("clusterctl-gen-err-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let d = dir.to_str().unwrap();
+        for argv in [
+            &["demo", "--listen", "80", "-o", d, "--", "/x", "a\nb"][..],
+            &["a@b", "--listen", "80", "-o", d, "--", "/x"],
+            &[
+                "demo",
+                "--listen",
+                "80",
+                "--hardening",
+                "max",
+                "-o",
+                d,
+                "--",
+                "/x",
+            ],
+        ] {
+            // gen_units uses the real host; these fail before it is asked anything.
+            let mut a = args(argv);
+            a.systemd_version = "252".into();
+            a.clusterctl = Some("/usr/bin/clusterctl".into());
+            assert!(gen_units(&a).is_err(), "{argv:?}");
+            assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "{argv:?}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
