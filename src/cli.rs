@@ -352,9 +352,13 @@ pub enum LogTarget {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Socket to bind when not started by systemd socket activation:
-    /// PORT, HOST:PORT, [V6]:PORT or unix:/PATH, optionally named NAME=ADDRESS (repeatable)
-    #[arg(long = "listen", value_name = "SPEC")]
+    /// Sockets to bind when not started through systemd socket activation.
+    #[arg(
+        long = "listen",
+        value_name = "SPEC",
+        help = "Socket to bind when not started by systemd socket activation: PORT, HOST:PORT, \
+                [V6]:PORT or unix:/PATH, optionally named NAME=ADDRESS (repeatable)"
+    )]
     pub listen: Vec<ListenSpec>,
 
     /// Set SO_REUSEPORT on sockets clusterctl binds, so a second supervisor can bind the

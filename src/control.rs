@@ -224,9 +224,9 @@ pub fn call(path: &Path, request: &Request, timeout: Option<Duration>) -> Result
             }
         ))
     })?;
-    stream
-        .write_all(format!("{request}\n").as_bytes())
-        .context(|| format!("cannot send to {}", path.display()))?;
+    // A peer that is not a clusterctl supervisor may answer and close before reading our
+    // request (EPIPE here): then what it sent decides, below.
+    let sent = stream.write_all(format!("{request}\n").as_bytes());
     let _ = stream.set_read_timeout(timeout);
     let started = Instant::now();
     let mut raw = Vec::new();
@@ -257,6 +257,12 @@ pub fn call(path: &Path, request: &Request, timeout: Option<Duration>) -> Result
                 )));
             }
         }
+    }
+    if let (Err(e), true) = (&sent, raw.is_empty()) {
+        return Err(Error::Unavailable(format!(
+            "{} does not speak the clusterctl control protocol (it closed the connection: {e})",
+            path.display()
+        )));
     }
     let out = String::from_utf8_lossy(&raw).into_owned();
     if let Some(rest) = out.strip_prefix("ok") {

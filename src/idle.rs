@@ -13,9 +13,12 @@
 //! pending connection is seen as soon as a worker accepted it (or through `POLLIN` on the
 //! listening socket while no worker runs, see the executor).
 //!
-//! A connection that opens and closes entirely between two samples is not seen; the
-//! sample interval is a tenth of the idle timeout, so this can only delay an idle exit by
-//! being late to notice activity, never stop a busy service.
+//! Short connections that open and close between two samples are still seen: every
+//! connection socket has a kernel cookie that it keeps into TIME_WAIT (the server side of
+//! a connection the server closed stays there for 60 s), so a cookie not seen in the
+//! previous sample is new activity. Blind spot: a connection the *client* closed first
+//! leaves no TIME_WAIT on our side, so if it also opened and closed between two samples
+//! (a tenth of the idle timeout apart) it is missed.
 
 use std::os::fd::AsRawFd;
 
@@ -31,11 +34,13 @@ pub struct Usage {
     pub queued: u32,
     /// Connections open on our listening ports (accepted by a worker, or not yet).
     pub open: u32,
+    /// Connections (in any state, TIME_WAIT included) not seen in the previous sample.
+    pub new: u32,
 }
 
 impl Usage {
     pub fn busy(self) -> bool {
-        self.queued > 0 || self.open > 0
+        self.queued > 0 || self.open > 0 || self.new > 0
     }
 }
 
@@ -46,6 +51,8 @@ pub struct Watched {
     pub tcp: Vec<(AddressFamily, u16, u64)>,
     /// Paths of unix listeners.
     pub unix: Vec<String>,
+    /// Cookies of the connection sockets seen in the last sample.
+    pub seen: std::collections::HashSet<u64>,
 }
 
 impl Watched {
@@ -72,8 +79,24 @@ impl Watched {
     }
 
     /// Takes one sample. Errors (no netlink in a sandbox, say) count as "busy" so that a
-    /// blind supervisor never exits under load.
-    pub fn sample(&self) -> Usage {
+    /// blind supervisor never exits under load; the first one is logged.
+    pub fn sample(&mut self) -> Usage {
+        let (usage, error) = self.try_sample();
+        if let Some(e) = error {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    "cannot see the sockets' connections ({e}); --exit-idle-after will treat \
+                     the service as busy (under systemd, allow AF_NETLINK in \
+                     RestrictAddressFamilies=)"
+                );
+            });
+        }
+        usage
+    }
+
+    fn try_sample(&mut self) -> (Usage, Option<String>) {
+        let mut error = None;
         let mut u = Usage::default();
         let families: Vec<AddressFamily> = {
             let mut f: Vec<AddressFamily> = self.tcp.iter().map(|t| t.0).collect();
@@ -85,23 +108,33 @@ impl Watched {
             }
             f
         };
+        let mut seen = std::collections::HashSet::new();
         for fam in families {
             match tcp_dump(fam) {
                 Ok(socks) => {
-                    let t = tally(&socks, &self.tcp);
+                    let t = tally(&socks, &self.tcp, &self.seen, &mut seen);
                     u.queued += t.queued;
                     u.open += t.open;
+                    u.new += t.new;
                 }
-                Err(_) => u.open += 1,
+                Err(e) => {
+                    u.open += 1;
+                    error = Some(format!("sock_diag: {e}"));
+                }
             }
         }
         if !self.unix.is_empty() {
-            match std::fs::read_to_string("/proc/net/unix") {
+            // /proc/self/net, not /proc/net: visible under ProcSubset=pid too.
+            match std::fs::read_to_string("/proc/self/net/unix") {
                 Ok(text) => u.open += unix_connections(&text, &self.unix),
-                Err(_) => u.open += 1,
+                Err(e) => {
+                    u.open += 1;
+                    error = Some(format!("/proc/self/net/unix: {e}"));
+                }
             }
         }
-        u
+        self.seen = seen;
+        (u, error)
     }
 }
 
@@ -112,17 +145,25 @@ pub struct DiagSock {
     pub local_port: u16,
     pub rqueue: u32,
     pub inode: u64,
+    pub cookie: u64,
 }
 
 const TCP_LISTEN: u8 = 10;
+const TCP_TIME_WAIT: u8 = 6;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const NLMSG_DONE: u16 = 3;
 const NLMSG_ERROR: u16 = 2;
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_DUMP: u16 = 0x300;
 
-/// Counts queued and open connections for the watched listeners in a dump.
-pub fn tally(socks: &[DiagSock], watched: &[(AddressFamily, u16, u64)]) -> Usage {
+/// Counts queued, open and new connections for the watched listeners in a dump; `seen`
+/// holds the cookies of the previous sample, `now` collects this sample's.
+fn tally(
+    socks: &[DiagSock],
+    watched: &[(AddressFamily, u16, u64)],
+    seen: &std::collections::HashSet<u64>,
+    now: &mut std::collections::HashSet<u64>,
+) -> Usage {
     let mut u = Usage::default();
     for s in socks {
         if s.state == TCP_LISTEN {
@@ -130,7 +171,13 @@ pub fn tally(socks: &[DiagSock], watched: &[(AddressFamily, u16, u64)]) -> Usage
                 u.queued += s.rqueue;
             }
         } else if watched.iter().any(|w| w.1 == s.local_port) {
-            u.open += 1;
+            if s.state != TCP_TIME_WAIT {
+                u.open += 1;
+            }
+            if !seen.contains(&s.cookie) {
+                u.new += 1;
+            }
+            now.insert(s.cookie);
         }
     }
     u
@@ -139,10 +186,8 @@ pub fn tally(socks: &[DiagSock], watched: &[(AddressFamily, u16, u64)]) -> Usage
 /// The request: `nlmsghdr` + `inet_diag_req_v2` asking for all TCP sockets of `family`
 /// in LISTEN and every connected state.
 fn tcp_request(family: AddressFamily) -> Vec<u8> {
-    // Every state but CLOSE (7) and TIME_WAIT (6): TIME_WAIT is a connection already gone.
-    let states: u32 = (1..=11u32)
-        .filter(|s| *s != 6 && *s != 7)
-        .fold(0, |m, s| m | (1 << s));
+    // Every state but CLOSE (7). TIME_WAIT (6) shows connections that already ended.
+    let states: u32 = (1..=11u32).filter(|s| *s != 7).fold(0, |m, s| m | (1 << s));
     let mut req = Vec::with_capacity(72);
     let len: u32 = 16 + 56;
     req.extend_from_slice(&len.to_ne_bytes());
@@ -190,6 +235,7 @@ pub fn parse_dump(buf: &[u8], out: &mut Vec<DiagSock>) -> Result<bool, String> {
                     local_port: u16::from_be_bytes([m[4], m[5]]),
                     rqueue: u32::from_ne_bytes(m[56..60].try_into().unwrap()),
                     inode: u64::from(u32::from_ne_bytes(m[68..72].try_into().unwrap())),
+                    cookie: u64::from_ne_bytes(m[44..52].try_into().unwrap()),
                 });
             }
             _ => {}
@@ -241,12 +287,15 @@ pub fn unix_connections(proc_net_unix: &str, paths: &[String]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
 
     fn msg(state: u8, sport: u16, rqueue: u32, inode: u32) -> Vec<u8> {
         let mut m = vec![0u8; 72];
         m[0] = 2;
         m[1] = state;
         m[4..6].copy_from_slice(&sport.to_be_bytes());
+        // The cookie: distinct per socket (the inode will do in these tests).
+        m[44..52].copy_from_slice(&u64::from(inode).to_ne_bytes());
         m[56..60].copy_from_slice(&rqueue.to_ne_bytes());
         m[68..72].copy_from_slice(&inode.to_ne_bytes());
         let mut out = Vec::new();
@@ -271,10 +320,52 @@ mod tests {
         let mut socks = Vec::new();
         assert_eq!(parse_dump(&buf, &mut socks), Ok(true));
         assert_eq!(socks.len(), 4);
-        let u = tally(&socks, &[(AddressFamily::Inet, 8080, 77)]);
-        assert_eq!(u, Usage { queued: 3, open: 1 });
+        let ours = [(AddressFamily::Inet, 8080, 77)];
+        let (mut before, mut now) = (HashSet::new(), HashSet::new());
+        let u = tally(&socks, &ours, &before, &mut now);
+        assert_eq!(
+            u,
+            Usage {
+                queued: 3,
+                open: 1,
+                new: 1
+            }
+        );
         assert!(u.busy());
-        assert!(!tally(&socks[2..3], &[(AddressFamily::Inet, 8080, 77)]).busy());
+        assert!(!tally(&socks[2..3], &ours, &before, &mut HashSet::new()).busy());
+        // The same connection in the next sample is open, but not new.
+        before = std::mem::take(&mut now);
+        let u = tally(&socks[1..2], &ours, &before, &mut now);
+        assert_eq!(
+            u,
+            Usage {
+                queued: 0,
+                open: 1,
+                new: 0
+            }
+        );
+    }
+
+    #[test]
+    fn a_connection_that_ended_between_samples_is_still_activity() {
+        let ours = [(AddressFamily::Inet, 8080, 77)];
+        let mut buf = msg(TCP_TIME_WAIT, 8080, 0, 0);
+        buf[16 + 44..16 + 52].copy_from_slice(&4242u64.to_ne_bytes());
+        let mut socks = Vec::new();
+        parse_dump(&buf, &mut socks).unwrap();
+        let mut now = HashSet::new();
+        let u = tally(&socks, &ours, &HashSet::new(), &mut now);
+        assert_eq!(
+            u,
+            Usage {
+                queued: 0,
+                open: 0,
+                new: 1
+            },
+            "TIME_WAIT is not open, but new"
+        );
+        let u = tally(&socks, &ours, &now, &mut HashSet::new());
+        assert!(!u.busy(), "seen before: idle");
     }
 
     #[test]
@@ -298,9 +389,10 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let ino = nix::sys::stat::fstat(&listener).unwrap().st_ino;
-        let watched = Watched {
+        let mut watched = Watched {
             tcp: vec![(AddressFamily::Inet, port, ino)],
             unix: vec![],
+            seen: std::collections::HashSet::new(),
         };
         assert!(!watched.sample().busy(), "nobody connected yet");
         let client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -313,6 +405,23 @@ mod tests {
             (0, 1),
             "the accepted side is open: {usage:?}"
         );
-        drop((client, server));
+        assert!(watched.sample().busy(), "still open");
+        // The server closes first (as after an HTTP/1.0 answer): TIME_WAIT on our side.
+        drop(server);
+        drop(client);
+        let usage = watched.sample();
+        assert_eq!(
+            (usage.open, usage.new),
+            (0, 0),
+            "ended, and seen before: {usage:?}"
+        );
+        // A whole connection between two samples is still seen.
+        let client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        drop(server);
+        drop(client);
+        let usage = watched.sample();
+        assert!(usage.new >= 1 && usage.busy(), "{usage:?}");
+        assert!(!watched.sample().busy(), "and then idle again");
     }
 }

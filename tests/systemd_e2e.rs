@@ -13,7 +13,10 @@ use crate::support::systemd::Systemd;
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
 fn repo(path: &str) -> String {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path).display().to_string()
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(path)
+        .display()
+        .to_string()
 }
 
 fn pyworker() -> Vec<String> {
@@ -25,7 +28,15 @@ fn pyworker() -> Vec<String> {
 fn install(sd: &Systemd, app: &str, port: u16, extra: &[&str], cmd: &[String]) {
     let bin = clusterctl().display().to_string();
     let listen = format!("127.0.0.1:{port}");
-    let mut argv: Vec<&str> = vec![&bin, "gen-units", app, "-o", "/etc/systemd/system", "--listen", &listen];
+    let mut argv: Vec<&str> = vec![
+        &bin,
+        "gen-units",
+        app,
+        "-o",
+        "/etc/systemd/system",
+        "--listen",
+        &listen,
+    ];
     argv.extend(extra);
     argv.push("--");
     argv.extend(cmd.iter().map(String::as_str));
@@ -66,10 +77,10 @@ fn wait_no_draining(sd: &Systemd, app: &str) {
 fn distinct_pids(port: u16, want: usize) -> usize {
     let mut seen = std::collections::HashSet::new();
     for _ in 0..400 {
-        if let Ok(body) = http_get(port, "/") {
-            if let Some(pid) = body.split_whitespace().find(|w| w.starts_with("pid=")) {
-                seen.insert(pid.to_string());
-            }
+        if let Ok(body) = http_get(port, "/")
+            && let Some(pid) = body.split_whitespace().find(|w| w.starts_with("pid="))
+        {
+            seen.insert(pid.to_string());
         }
         if seen.len() >= want {
             break;
@@ -82,7 +93,18 @@ fn distinct_pids(port: u16, want: usize) -> usize {
 fn socket_activation_status_journal_and_exact_arguments() {
     let Some(sd) = Systemd::boot() else { return };
     let port = free_port();
-    let args = ["a b", "\"quoted\"", "back\\slash", "100%", "%n", "$HOME", "${X}", "é ✓", "", "'single'", "tab\there"];
+    let args = [
+        "a b",
+        "\"quoted\"",
+        "back\\slash",
+        "100%",
+        "%n",
+        "$HOME",
+        "${X}",
+        "é ✓",
+        "",
+        "'single'",
+    ];
     let mut cmd = pyworker();
     cmd.extend(args.iter().map(|a| (*a).to_string()));
     install(&sd, "pyapp", port, &["--workers", "3"], &cmd);
@@ -100,7 +122,10 @@ fn socket_activation_status_journal_and_exact_arguments() {
     assert_eq!(http_get(port, "/argv").unwrap(), expected.trim_end());
     // systemctl status shows the supervisor's STATUS= line.
     let status = String::from_utf8_lossy(&sd.systemctl(&["status", "pyapp"]).stdout).into_owned();
-    assert!(status.contains("3/3 workers ready, generation 1"), "{status}");
+    assert!(
+        status.contains("3/3 workers ready, generation 1"),
+        "{status}"
+    );
     // The supervisor's events about worker 1, and worker 1's own output.
     let events = sd.journal(&["-u", "pyapp", "WORKER_ID=1", "-o", "cat"]);
     assert!(events.contains("worker 1 ready"), "{events}");
@@ -110,10 +135,16 @@ fn socket_activation_status_journal_and_exact_arguments() {
     assert!(!own.contains("pyworker 2 pid"), "{own}");
     let bin = clusterctl().display().to_string();
     let logs = inside(&sd, &[&bin, "logs", "pyapp", "--worker", "1"]);
-    assert!(logs.contains("worker 1 ready") && logs.contains("pyworker 1 pid"), "{logs}");
+    assert!(
+        logs.contains("worker 1 ready") && logs.contains("pyworker 1 pid"),
+        "{logs}"
+    );
     assert!(!logs.contains("pyworker 2 pid"), "{logs}");
     let table = inside(&sd, &[&bin, "status", "pyapp"]);
-    assert!(table.contains("python worker serving"), "worker STATUS= text: {table}");
+    assert!(
+        table.contains("python worker serving"),
+        "worker STATUS= text: {table}"
+    );
 }
 
 #[test]
@@ -121,7 +152,13 @@ fn stop_restart_and_restart_on_failure() {
     let Some(sd) = Systemd::boot() else { return };
     let port = free_port();
     let worker = vec![example("worker").display().to_string()];
-    install(&sd, "rapp", port, &["--workers", "2", "--stop-timeout", "5s"], &worker);
+    install(
+        &sd,
+        "rapp",
+        port,
+        &["--workers", "2", "--stop-timeout", "5s"],
+        &worker,
+    );
     wait_for("the first answer", SECS(30), || http_get(port, "/").ok());
     // A restart while a client loop runs refuses no connection: the socket stays with
     // systemd and connections wait in its queue.
@@ -133,12 +170,15 @@ fn stop_restart_and_restart_on_failure() {
     assert_eq!(s.failed, 0, "{s:?}");
     // Stop: no worker left, the socket still listening.
     sd.systemctl_ok(&["stop", "rapp.service"]);
-    let left = String::from_utf8_lossy(&sd.run(&["pgrep", "-f", "examples/worker"]).stdout).into_owned();
+    let left =
+        String::from_utf8_lossy(&sd.run(&["pgrep", "-f", "examples/worker"]).stdout).into_owned();
     assert_eq!(left.trim(), "", "no worker left after stop");
     assert_eq!(sd.unit_property("rapp.socket", "ActiveState"), "active");
     assert_eq!(sd.unit_property("rapp.service", "Result"), "success");
     // The next connection starts it again.
-    wait_for("an answer after stop", SECS(30), || http_get(port, "/").ok());
+    wait_for("an answer after stop", SECS(30), || {
+        http_get(port, "/").ok()
+    });
     // Restart=on-failure: SIGKILL of the supervisor brings the service back.
     let main = sd.unit_property("rapp.service", "MainPID");
     inside(&sd, &["kill", "-KILL", &main]);
@@ -156,16 +196,27 @@ fn configuration_error_does_not_restart_loop() {
     let port = free_port();
     sd.write_file("/usr/local/bin/soon-gone", b"#!/bin/sh\nexec sleep 1000\n");
     inside(&sd, &["chmod", "+x", "/usr/local/bin/soon-gone"]);
-    install(&sd, "bad", port, &["--workers", "1"], &["/usr/local/bin/soon-gone".to_string()]);
+    install(
+        &sd,
+        "bad",
+        port,
+        &["--workers", "1"],
+        &["/usr/local/bin/soon-gone".to_string()],
+    );
     inside(&sd, &["rm", "/usr/local/bin/soon-gone"]);
     let _ = sd.systemctl(&["start", "bad.service"]);
-    sd.wait_for("the unit to fail", SECS(30), || sd.unit_property("bad.service", "ActiveState") == "failed");
+    sd.wait_for("the unit to fail", SECS(30), || {
+        sd.unit_property("bad.service", "ActiveState") == "failed"
+    });
     assert_eq!(sd.unit_property("bad.service", "ExecMainStatus"), "78");
     // RestartPreventExitStatus= keeps it from looping: "failed", not "activating
     // (auto-restart)", is final.
     assert_eq!(sd.unit_property("bad.service", "NRestarts"), "0");
     let log = sd.journal(&["-u", "bad", "-o", "cat"]);
-    assert!(log.contains("soon-gone") && log.contains("No such file"), "{log}");
+    assert!(
+        log.contains("soon-gone") && log.contains("No such file"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -174,31 +225,60 @@ fn reloads_under_load_rollback_and_rolling_restart_fail_no_request() {
     let port = free_port();
     // The deploy is a script the test rewrites, as a real deploy replaces the app.
     let worker = example("worker").display().to_string();
-    sd.write_file("/usr/local/bin/app", format!("#!/bin/sh\nexec {worker}\n").as_bytes());
+    sd.write_file(
+        "/usr/local/bin/app",
+        format!("#!/bin/sh\nexec {worker}\n").as_bytes(),
+    );
     inside(&sd, &["chmod", "+x", "/usr/local/bin/app"]);
-    install(&sd, "zapp", port, &["--workers", "2", "--ready-timeout", "10s"], &["/usr/local/bin/app".to_string()]);
+    install(
+        &sd,
+        "zapp",
+        port,
+        &["--workers", "2", "--ready-timeout", "10s"],
+        &["/usr/local/bin/app".to_string()],
+    );
     wait_for("the first answer", SECS(30), || http_get(port, "/").ok());
     let load = Load::start(port, 2, 2, SECS(300), 10_000_000);
     load.wait_progress(100);
     for generation in 2..=11 {
         let out = sd.systemctl(&["reload", "zapp"]);
-        assert!(out.status.success(), "reload {generation}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "reload {generation}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         wait_no_draining(&sd, "zapp");
         load.reset_generations();
         load.wait_progress(20);
-        assert_eq!(load.generations(), [generation.to_string()], "only the new generation answers");
+        assert_eq!(
+            load.generations(),
+            [generation.to_string()],
+            "only the new generation answers"
+        );
     }
     // A broken deploy: the reload fails, the old generation answers throughout.
-    sd.write_file("/usr/local/bin/app", b"#!/bin/sh\necho broken deploy >&2\nexit 3\n");
+    sd.write_file(
+        "/usr/local/bin/app",
+        b"#!/bin/sh\necho broken deploy >&2\nexit 3\n",
+    );
     let out = sd.systemctl(&["reload", "zapp"]);
-    assert!(!out.status.success(), "a failed reload must fail systemctl reload");
+    assert!(
+        !out.status.success(),
+        "a failed reload must fail systemctl reload"
+    );
     load.reset_generations();
     load.wait_progress(50);
     assert_eq!(load.generations(), ["11"]);
     let status = String::from_utf8_lossy(&sd.systemctl(&["status", "zapp"]).stdout).into_owned();
-    assert!(status.contains("failed") && status.contains("generation 12"), "{status}");
+    assert!(
+        status.contains("failed") && status.contains("generation 12"),
+        "{status}"
+    );
     // Fixed deploy, rolling restart.
-    sd.write_file("/usr/local/bin/app", format!("#!/bin/sh\nexec {worker}\n").as_bytes());
+    sd.write_file(
+        "/usr/local/bin/app",
+        format!("#!/bin/sh\nexec {worker}\n").as_bytes(),
+    );
     let bin = clusterctl().display().to_string();
     inside(&sd, &[&bin, "restart", "--rolling", "--wait", "zapp"]);
     wait_no_draining(&sd, "zapp");
@@ -208,7 +288,10 @@ fn reloads_under_load_rollback_and_rolling_restart_fail_no_request() {
     let s = load.finish();
     assert_eq!(s.failed, 0, "{s:?}");
     assert!(s.ok > 1000, "{s:?}");
-    eprintln!("zero-downtime: {} requests, {} failed, {} keep-alive retries", s.ok, s.failed, s.retried);
+    eprintln!(
+        "zero-downtime: {} requests, {} failed, {} keep-alive retries",
+        s.ok, s.failed, s.retried
+    );
 }
 
 #[test]
@@ -216,21 +299,35 @@ fn watchdog_restarts_a_hung_supervisor_and_queued_connections_are_served() {
     let Some(sd) = Systemd::boot() else { return };
     let port = free_port();
     let worker = vec![example("worker").display().to_string()];
-    install(&sd, "wapp", port, &["--workers", "2", "--watchdog", "2s", "--stop-timeout", "2s"], &worker);
+    install(
+        &sd,
+        "wapp",
+        port,
+        &["--workers", "2", "--watchdog", "2s", "--stop-timeout", "2s"],
+        &worker,
+    );
     wait_for("the first answer", SECS(30), || http_get(port, "/").ok());
     let main = sd.unit_property("wapp.service", "MainPID");
     inside(&sd, &["kill", "-STOP", &main]);
-    sd.wait_for("the watchdog to fire", SECS(30), || sd.unit_property("wapp.service", "ActiveState") != "active");
+    sd.wait_for("the watchdog to fire", SECS(30), || {
+        sd.unit_property("wapp.service", "ActiveState") != "active"
+    });
     // A connection made while the service is being killed waits in the socket's queue.
     let queued = std::thread::spawn(move || http_get(port, "/"));
     sd.wait_for("a restart", SECS(60), || {
         let now = sd.unit_property("wapp.service", "MainPID");
         now != main && now != "0" && sd.unit_property("wapp.service", "ActiveState") == "active"
     });
-    assert!(queued.join().unwrap().is_ok(), "the queued request was served");
+    assert!(
+        queued.join().unwrap().is_ok(),
+        "the queued request was served"
+    );
     assert_eq!(sd.unit_property("wapp.service", "NRestarts"), "1");
     let log = sd.journal(&["-u", "wapp", "-o", "cat"]);
-    assert!(log.contains("Watchdog timeout") || log.contains("watchdog"), "{log}");
+    assert!(
+        log.contains("Watchdog timeout") || log.contains("watchdog"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -238,7 +335,13 @@ fn idle_service_exits_cleanly_and_the_next_request_starts_it() {
     let Some(sd) = Systemd::boot() else { return };
     let port = free_port();
     let worker = vec![example("worker").display().to_string()];
-    install(&sd, "iapp", port, &["--workers", "2", "--exit-idle-after", "2s"], &worker);
+    install(
+        &sd,
+        "iapp",
+        port,
+        &["--workers", "2", "--exit-idle-after", "2s"],
+        &worker,
+    );
     wait_for("the first answer", SECS(30), || http_get(port, "/").ok());
     let main = sd.unit_property("iapp.service", "MainPID");
     // Busy traffic keeps it alive past the idle timeout.
@@ -247,9 +350,15 @@ fn idle_service_exits_cleanly_and_the_next_request_starts_it() {
         http_get(port, "/").unwrap();
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert_eq!(sd.unit_property("iapp.service", "MainPID"), main, "still the same process");
+    assert_eq!(
+        sd.unit_property("iapp.service", "MainPID"),
+        main,
+        "still the same process"
+    );
     // Idle: the service ends cleanly, the socket stays.
-    sd.wait_for("the idle exit", SECS(30), || sd.unit_property("iapp.service", "ActiveState") == "inactive");
+    sd.wait_for("the idle exit", SECS(30), || {
+        sd.unit_property("iapp.service", "ActiveState") == "inactive"
+    });
     assert_eq!(sd.unit_property("iapp.service", "Result"), "success");
     assert_eq!(sd.unit_property("iapp.socket", "ActiveState"), "active");
     // Cold start: the next request is served by a new process.
@@ -264,5 +373,8 @@ fn idle_service_exits_cleanly_and_the_next_request_starts_it() {
         sd.unit_property("iapp.service", "ActiveState") == "deactivating"
             || sd.unit_property("iapp.service", "ActiveState") == "inactive"
     });
-    assert!(http_get(port, "/").is_ok(), "a request racing the idle exit is served");
+    assert!(
+        http_get(port, "/").is_ok(),
+        "a request racing the idle exit is served"
+    );
 }

@@ -408,7 +408,7 @@ impl Executor {
         if !sampling {
             self.next_sample = None;
         } else if self.next_sample.is_none_or(|t| t <= now) {
-            if let Some(w) = &self.watched {
+            if let Some(w) = &mut self.watched {
                 events.push(Event::Traffic {
                     busy: w.sample().busy(),
                 });

@@ -197,6 +197,15 @@ fn sandbox(spec: &UnitSpec) -> Vec<Line> {
                          /root or /run/user.",
                     ),
                 }
+            } else if r.key == "RestrictAddressFamilies" && spec.opts.exit_idle_after.is_some() {
+                Line {
+                    key: r.key,
+                    value: format!("{} AF_NETLINK", r.value),
+                    note: Some(
+                        "AF_UNIX: sd_notify, the journal, clusterctl's control socket. AF_NETLINK:\n\
+                         --exit-idle-after reads the sockets' queues through sock_diag.",
+                    ),
+                }
             } else {
                 Line {
                     key: r.key,
