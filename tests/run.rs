@@ -764,9 +764,11 @@ fn gunicorn_as_the_worker_reloads_with_zero_failures() {
             "2",
             "--graceful-timeout",
             "10",
-            // Sync workers notice a stop request at the latest after timeout/2.
+            // Sync workers notice a stop request at the latest after timeout/2; a worker
+            // that misses its heartbeat for `timeout` is SIGKILLed by gunicorn itself
+            // (mid-request), so not too short on a loaded 2-core CI machine.
             "--timeout",
-            "4",
+            "12",
             "--chdir",
             &app_dir,
             "wsgi_app:app",
