@@ -791,3 +791,70 @@ fn gunicorn_as_the_worker_reloads_with_zero_failures() {
     let s = load.finish();
     assert_eq!(s.failed, 0, "{s:?}\n{}", sup.log());
 }
+
+#[test]
+fn every_subcommand_has_help_with_examples_and_man_and_completions_render() {
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(clusterctl())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    };
+    for sub in [
+        "run",
+        "gen-units",
+        "reload",
+        "restart",
+        "status",
+        "scale",
+        "logs",
+        "man",
+        "completions",
+    ] {
+        let help = run(&[sub, "--help"]);
+        assert!(
+            help.contains("Example"),
+            "`clusterctl {sub} --help` has examples:\n{help}"
+        );
+    }
+    let man = run(&["man"]);
+    assert!(
+        man.contains(".TH clusterctl") && man.contains("gen\\-units"),
+        "{man}"
+    );
+    for shell in ["bash", "zsh", "fish"] {
+        assert!(run(&["completions", shell]).contains("reload"), "{shell}");
+    }
+}
+
+#[test]
+fn slow_reload_extends_systemds_timeout() {
+    let dir = TempDir::new("extend");
+    let systemd = FakeSystemd::new(&dir);
+    let sup = Run::new(&dir)
+        .args(&[
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--workers",
+            "1",
+        ])
+        .env("NOTIFY_SOCKET", &systemd.path.display().to_string())
+        .spawn();
+    sup.wait_workers(1, 1);
+    systemd.until("READY=1", SECS(20));
+    std::fs::write(dir.join("mode.gen2"), "ready-after:1500").unwrap();
+    let (code, _, err) = sup.ctl(&["reload"]);
+    assert_eq!(code, 0, "{err}");
+    let got = systemd.until("EXTEND_TIMEOUT_USEC=", SECS(20));
+    assert!(
+        got.iter().any(|(_, t)| t.contains("RELOADING=1")),
+        "{got:?}"
+    );
+    systemd.until("READY=1", SECS(20));
+}
