@@ -560,6 +560,18 @@ fn kill_now(state: &mut State, pid: Pid, reason: &'static str, out: &mut Vec<Act
     }
 }
 
+/// SIGKILLs every worker's process group; stopping, with nothing left to wait for.
+fn kill_all(state: &mut State, code: u8, out: &mut Vec<Action>) {
+    let pids: Vec<Pid> = state.workers.iter().map(|w| w.pid).collect();
+    for pid in pids {
+        kill_now(state, pid, SHUTDOWN, out);
+    }
+    state.phase = Phase::Stopping {
+        force_at: None,
+        code,
+    };
+}
+
 fn stop(state: &mut State, code: u8, now: Instant, out: &mut Vec<Action>) {
     if let Phase::Stopping { .. } = state.phase {
         log(
@@ -568,14 +580,7 @@ fn stop(state: &mut State, code: u8, now: Instant, out: &mut Vec<Action>) {
             None,
             "second stop request: killing all workers now".into(),
         );
-        let pids: Vec<Pid> = state.workers.iter().map(|w| w.pid).collect();
-        for pid in pids {
-            kill_now(state, pid, SHUTDOWN, out);
-        }
-        state.phase = Phase::Stopping {
-            force_at: None,
-            code,
-        };
+        kill_all(state, code, out);
         return;
     }
     let n = state.workers.len();
@@ -830,14 +835,7 @@ fn tick(state: &mut State, now: Instant, out: &mut Vec<Action>) {
     } = state.phase
         && t <= now
     {
-        let pids: Vec<Pid> = state.workers.iter().map(|w| w.pid).collect();
-        for pid in pids {
-            kill_now(state, pid, SHUTDOWN, out);
-        }
-        state.phase = Phase::Stopping {
-            force_at: None,
-            code,
-        };
+        kill_all(state, code, out);
     }
     if matches!(state.phase, Phase::Starting | Phase::Running) {
         for slot in 0..state.cfg.workers {

@@ -436,6 +436,18 @@ impl Executor {
         }
     }
 
+    /// The status snapshot for `clusterctl status` and SIGUSR1.
+    fn report(&self) -> crate::status::Report {
+        let sockets = self
+            .listeners
+            .names
+            .iter()
+            .cloned()
+            .zip(self.listeners.addresses.iter().cloned())
+            .collect();
+        crate::status::report(&self.state, sockets, self.started, Instant::now())
+    }
+
     fn read_control(&mut self, events: &mut Vec<Event>) {
         let Some(control) = &self.control else { return };
         let Some((stream, request)) = control.accept() else {
@@ -447,15 +459,7 @@ impl Executor {
         };
         match request {
             Request::Status { json } => {
-                let sockets = self
-                    .listeners
-                    .names
-                    .iter()
-                    .cloned()
-                    .zip(self.listeners.addresses.iter().cloned())
-                    .collect();
-                let report =
-                    crate::status::report(&self.state, sockets, self.started, Instant::now());
+                let report = self.report();
                 let text = if json {
                     report.json()
                 } else {
@@ -518,16 +522,7 @@ impl Executor {
                     });
                 }
                 Signal::SIGUSR1 => {
-                    let sockets = self
-                        .listeners
-                        .names
-                        .iter()
-                        .cloned()
-                        .zip(self.listeners.addresses.iter().cloned())
-                        .collect();
-                    let report =
-                        crate::status::report(&self.state, sockets, self.started, Instant::now());
-                    for line in report.text().lines() {
+                    for line in self.report().text().lines() {
                         tracing::info!("stats: {line}");
                     }
                 }
