@@ -636,6 +636,21 @@ fn request_reload(state: &mut State, rolling: bool, ticket: Option<Ticket>, out:
         }
         return;
     }
+    if state.phase == Phase::Idle && state.workers.is_empty() {
+        // No workers to replace: the next start runs the new code anyway.
+        log(
+            out,
+            Level::INFO,
+            None,
+            "reload while idle: nothing to replace".into(),
+        );
+        out.push(Action::Notify(vec![Upstream::Reloading, Upstream::Ready]));
+        out.push(Action::ReloadFinished {
+            tickets: ticket.into_iter().collect(),
+            result: Ok(state.generation),
+        });
+        return;
+    }
     let q = state.queued.get_or_insert_with(Queued::default);
     q.rolling |= rolling;
     q.tickets.extend(ticket);

@@ -782,3 +782,16 @@ fn lazy_supervisor_starts_on_traffic_and_goes_back_to_holding_the_sockets() {
         "a new generation serves the next connection"
     );
 }
+
+#[test]
+fn reload_while_idle_succeeds_at_once() {
+    let mut s = Sim::new(Config {
+        lazy: true,
+        ..cfg(2)
+    });
+    let a = s.ev(Event::Reload { ticket: Some(8) });
+    assert!(spawns(&a).is_empty());
+    assert_eq!(reload_results(&a), [(vec![8], Ok(1))]);
+    assert!(has_upstream(&a, &Upstream::Reloading) && has_upstream(&a, &Upstream::Ready));
+    assert!(s.st.queued.is_none());
+}
