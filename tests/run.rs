@@ -858,3 +858,46 @@ fn slow_reload_extends_systemds_timeout() {
     );
     systemd.until("READY=1", SECS(20));
 }
+
+#[test]
+fn lazy_supervisor_holds_the_socket_starts_on_demand_and_goes_idle_again() {
+    let dir = TempDir::new("lazy");
+    let port = free_port();
+    let mut sup = Run::new(&dir)
+        .args(&[
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--workers",
+            "2",
+            "--lazy",
+            "--exit-idle-after",
+            "1s",
+        ])
+        .spawn();
+    sup.wait_log("holding the sockets");
+    let (_, status, _) = sup.ctl(&["status", "--json"]);
+    assert!(
+        status.contains("\"phase\":\"idle\"") && status.contains("\"workers\":[]"),
+        "{status}"
+    );
+    assert!(
+        read_reports(&dir.0).is_empty(),
+        "no worker before the first connection"
+    );
+    // The first connection waits in the queue and starts generation 1.
+    assert!(http_get(port, "/").unwrap().contains("generation=1"));
+    sup.wait_workers(2, 1);
+    // Idle for 1s: the workers stop, the supervisor keeps the socket.
+    sup.wait_log("stopping the workers, holding the sockets");
+    wait_for("workers gone", SECS(20), || {
+        let (_, s, _) = sup.ctl(&["status", "--json"]);
+        s.contains("\"workers\":[]").then_some(())
+    });
+    assert!(
+        sup.child.try_wait().unwrap().is_none(),
+        "the supervisor keeps running"
+    );
+    assert!(http_get(port, "/").unwrap().contains("generation=2"));
+    sup.signal(Signal::SIGTERM);
+    assert_eq!(exit_code(sup.wait_exit()), 0);
+}
