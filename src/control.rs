@@ -128,11 +128,17 @@ impl ControlSocket {
         // Our own CLI sends its line right after connecting; a silent client costs the
         // event loop at most this long.
         let _ = stream.set_nonblocking(false);
-        let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
         let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
+        // One deadline for the whole request, however the client trickles it in.
+        let deadline = Instant::now() + Duration::from_millis(500);
         let mut buf = Vec::with_capacity(64);
         let mut byte = [0u8; 64];
         let request = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break Err("no complete request within 500ms".to_string());
+            }
+            let _ = stream.set_read_timeout(Some(left));
             match stream.read(&mut byte) {
                 Ok(0) => break Err("connection closed before a request".to_string()),
                 Ok(n) => {

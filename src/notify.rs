@@ -136,7 +136,9 @@ impl NotifySocket {
 
     /// Receives one datagram; `Ok(None)` when there is none waiting.
     pub fn recv(&mut self) -> std::io::Result<Option<Datagram>> {
-        let mut cmsg = nix::cmsg_space!(nix::sys::socket::UnixCredentials, [RawFd; 16]);
+        // Room for the most fds one message can carry (SCM_MAX_FD), so the control data is
+        // never truncated: every fd that arrives is closed below.
+        let mut cmsg = nix::cmsg_space!(nix::sys::socket::UnixCredentials, [RawFd; 253]);
         let mut iov = [IoSliceMut::new(&mut self.buf)];
         let res = recvmsg::<()>(
             self.fd.as_raw_fd(),

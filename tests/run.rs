@@ -140,6 +140,7 @@ fn killed_worker_is_replaced_in_its_slot_with_growing_backoff() {
         ])
         .spawn();
     let before = sup.wait_workers(2, 1);
+    sup.wait_log("all 2 workers ready");
     let victim: i32 = before[1]["pid"].parse().unwrap();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim), Signal::SIGKILL).unwrap();
     let after = wait_for("slot 1 refilled", SECS(20), || {

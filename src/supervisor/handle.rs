@@ -157,7 +157,7 @@ fn spawned(
         status: None,
         was_ready: matches!(phase, WorkerPhase::Ready { .. }),
         stop_reason: (!wanted).then_some(UNWANTED),
-        last_ping: None,
+        last_ping: matches!(phase, WorkerPhase::Ready { .. }).then_some(now),
     };
     log(
         out,
@@ -326,7 +326,7 @@ fn exited(state: &mut State, pid: Pid, how: ExitKind, now: Instant, out: &mut Ve
             format!("worker {} {why}", w.slot),
         );
     }
-    if matches!(state.phase, Phase::Stopping { .. }) {
+    if matches!(state.phase, Phase::Stopping { .. } | Phase::Idle) {
         return;
     }
     let reload_gen = state.reload.as_ref().map(|r| r.generation);
@@ -471,6 +471,15 @@ fn scale(state: &mut State, workers: u32, now: Instant, out: &mut Vec<Action>) {
     if workers == 0 || workers == old || matches!(state.phase, Phase::Stopping { .. }) {
         return;
     }
+    if state.reload.is_some() {
+        log(
+            out,
+            Level::WARN,
+            None,
+            format!("not scaling to {workers} workers: a reload is in progress"),
+        );
+        return;
+    }
     log(
         out,
         Level::INFO,
@@ -483,10 +492,12 @@ fn scale(state: &mut State, workers: u32, now: Instant, out: &mut Vec<Action>) {
             let mut s = super::state::Slot::new(&state.cfg);
             s.generation = state.generation;
             state.slots.push(s);
-            out.push(Action::Spawn {
-                slot,
-                generation: state.generation,
-            });
+            if state.phase != Phase::Idle {
+                out.push(Action::Spawn {
+                    slot,
+                    generation: state.generation,
+                });
+            }
         }
     } else {
         state.slots.truncate(workers as usize);
@@ -573,7 +584,7 @@ fn kill_all(state: &mut State, code: u8, out: &mut Vec<Action>) {
 }
 
 fn stop(state: &mut State, code: u8, now: Instant, out: &mut Vec<Action>) {
-    if let Phase::Stopping { .. } = state.phase {
+    if let Phase::Stopping { code, .. } = state.phase {
         log(
             out,
             Level::WARN,
@@ -636,7 +647,7 @@ fn request_reload(state: &mut State, rolling: bool, ticket: Option<Ticket>, out:
         }
         return;
     }
-    if state.phase == Phase::Idle && state.workers.is_empty() {
+    if state.phase == Phase::Idle {
         // No workers to replace: the next start runs the new code anyway.
         log(
             out,

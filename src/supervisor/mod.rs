@@ -122,12 +122,24 @@ impl Pidfile {
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                     let text = std::fs::read_to_string(path).unwrap_or_default();
+                    if text.trim().is_empty() {
+                        return Err(Error::config(format!(
+                            "pidfile {} exists but is empty: another supervisor may be starting; \
+                             remove it if none is",
+                            path.display()
+                        )));
+                    }
                     let alive = text
                         .trim()
                         .parse::<i32>()
                         .ok()
                         .filter(|p| *p > 0)
-                        .is_some_and(|p| kill(Pid::from_raw(p), None) != Err(nix::Error::ESRCH));
+                        .is_some_and(|p| {
+                            // Our own pid in a leftover file (a container restarted us with
+                            // the same pid) is stale too.
+                            p != std::process::id().cast_signed()
+                                && kill(Pid::from_raw(p), None) != Err(nix::Error::ESRCH)
+                        });
                     if alive {
                         return Err(Error::config(format!(
                             "pidfile {} names pid {}, which is running: is another supervisor using it?",
@@ -423,7 +435,13 @@ impl Executor {
         }
         match &self.state.reload {
             Some(r) => {
-                let limit = r.started + self.state.cfg.ready_timeout + self.state.cfg.stop_timeout;
+                // A rolling restart readies and drains one slot after the other.
+                let steps = match r.kind {
+                    state::ReloadKind::Surge => 1,
+                    state::ReloadKind::Rolling { .. } => self.state.cfg.workers,
+                };
+                let per_step = self.state.cfg.ready_timeout + self.state.cfg.stop_timeout;
+                let limit = r.started + per_step * steps;
                 let due = self.next_extend.is_none_or(|t| t <= now);
                 if due && now < limit {
                     self.execute(Action::Notify(vec![Upstream::ExtendTimeout(EXTEND_BY)]));
@@ -629,19 +647,22 @@ impl Executor {
         }
     }
 
+    /// Handles an event and carries out its actions. A spawn's outcome is handled after
+    /// the rest of its batch (so that batch's notifications, e.g. `RELOADING=1`, go out
+    /// first) but before any other event.
     fn dispatch(&mut self, event: Event) {
-        for a in handle(&mut self.state, event, Instant::now()) {
-            self.execute(a);
+        let mut queue = std::collections::VecDeque::from([event]);
+        while let Some(e) = queue.pop_front() {
+            for a in handle(&mut self.state, e, Instant::now()) {
+                queue.extend(self.execute(a));
+            }
         }
     }
 
-    fn execute(&mut self, action: Action) {
+    /// Carries out one action; a spawn returns its outcome as the next event to handle.
+    fn execute(&mut self, action: Action) -> Option<Event> {
         match action {
-            Action::Spawn { slot, generation } => {
-                let e = self.spawn(slot, generation);
-                // The state machine expects the outcome before any other event.
-                self.dispatch(e);
-            }
+            Action::Spawn { slot, generation } => return Some(self.spawn(slot, generation)),
             Action::Kill { pid, signal, group } => {
                 let r = if group {
                     killpg(pid, signal)
@@ -683,6 +704,7 @@ impl Executor {
                 self.exit = Some(code);
             }
         }
+        None
     }
 
     fn spawn(&mut self, slot: u32, generation: u32) -> Event {

@@ -210,7 +210,7 @@ impl State {
         let slots = self.slots.iter().filter_map(|s| s.respawn_at);
         let phase = match self.phase {
             Phase::Stopping { force_at, .. } => force_at,
-            Phase::Running if self.reload.is_none() => self
+            Phase::Running if self.reload.is_none() && self.queued.is_none() => self
                 .cfg
                 .exit_idle_after
                 .and_then(|d| self.last_busy.map(|b| b + d)),

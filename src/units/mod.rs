@@ -238,7 +238,7 @@ mod tests {
             Some("/usr/bin/clusterctl run -- /srv/worker")
         );
         assert_eq!(value(se, "KillMode").as_deref(), Some("mixed"));
-        assert_eq!(value(se, "TimeoutStartSec").as_deref(), Some("90s"));
+        assert_eq!(value(se, "TimeoutStartSec").as_deref(), Some("211s"));
         assert_eq!(value(se, "TimeoutStopSec").as_deref(), Some("45s"));
         assert_eq!(value(se, "Restart").as_deref(), Some("on-failure"));
         assert_eq!(value(se, "RestartPreventExitStatus").as_deref(), Some("78"));
@@ -342,7 +342,7 @@ mod tests {
                  --restart-delay 1s..1min --stop-signal SIGQUIT --stop-timeout 5s -- /x"
             )
         );
-        assert_eq!(value(se, "TimeoutStartSec").as_deref(), Some("150s"));
+        assert_eq!(value(se, "TimeoutStartSec").as_deref(), Some("393s"));
         assert_eq!(value(se, "TimeoutStopSec").as_deref(), Some("20s"));
         // A readiness delay longer than the timeout extends TimeoutStartSec= too.
         let u = render(&[
@@ -356,7 +356,7 @@ mod tests {
         ]);
         assert_eq!(
             value(&u.service.content, "TimeoutStartSec").as_deref(),
-            Some("150s")
+            Some("391s")
         );
     }
 

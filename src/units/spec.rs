@@ -436,14 +436,25 @@ impl UnitSpec {
             .all(|l| matches!(l.address, Address::Tcp(_)))
     }
 
-    /// How long systemd waits for READY=1 (and for a reload): above clusterctl's own
-    /// `--ready-timeout` (or `--ready after:DUR`), so clusterctl reports the failure itself.
+    /// How long systemd waits for READY=1 (and for a reload): above clusterctl's own limit
+    /// for the first generation (`START_ATTEMPTS` starts of up to `--ready-timeout` or
+    /// `--ready after:DUR` each, plus the backoff between them), so clusterctl gives up and
+    /// reports the failure itself before systemd's timer fires.
     pub fn timeout_start(&self) -> Dur {
+        use crate::supervisor::state::START_ATTEMPTS;
         let after = match self.opts.ready {
             ReadyMode::After(d) => d,
             ReadyMode::Notify | ReadyMode::Exec => Duration::ZERO,
         };
-        Dur(self.opts.ready_timeout.0.max(after) + Duration::from_secs(30))
+        let attempt = self.opts.ready_timeout.0.max(after);
+        let backoff: Duration = (0..START_ATTEMPTS - 1)
+            .map(|i| (self.opts.restart_delay.min * 2u32.pow(i)).min(self.opts.restart_delay.max))
+            .sum();
+        let total = attempt * START_ATTEMPTS + backoff + Duration::from_secs(30);
+        // Whole seconds, rounded up: easier to read in the unit file.
+        Dur(Duration::from_secs(
+            total.as_secs() + u64::from(total.subsec_nanos() > 0),
+        ))
     }
 
     /// How long systemd waits for clusterctl to exit: above `--stop-timeout`, so the workers
