@@ -902,3 +902,34 @@ fn lazy_supervisor_holds_the_socket_starts_on_demand_and_goes_idle_again() {
     sup.signal(Signal::SIGTERM);
     assert_eq!(exit_code(sup.wait_exit()), 0);
 }
+
+/// Review finding: with `--ready exec` the new workers are ready the moment they are
+/// spawned; RELOADING=1 must still reach systemd before READY=1 (or a notify-reload unit's
+/// reload never completes), and the final STATUS= must be current.
+#[test]
+fn reload_with_ready_exec_sends_reloading_before_ready() {
+    let dir = TempDir::new("exec-reload");
+    let systemd = FakeSystemd::new(&dir);
+    let sup = Run::new(&dir)
+        .args(&[
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--workers",
+            "2",
+            "--ready",
+            "exec",
+        ])
+        .env("NOTIFY_SOCKET", &systemd.path.display().to_string())
+        .spawn();
+    systemd.until("READY=1", SECS(20));
+    sup.signal(Signal::SIGHUP);
+    let got = systemd.until("READY=1", SECS(20));
+    let reloading = got.iter().position(|(_, t)| t.contains("RELOADING=1"));
+    let ready = got.iter().position(|(_, t)| t.contains("READY=1"));
+    assert!(reloading.is_some() && reloading <= ready, "{got:?}");
+    let last = &got.last().unwrap().1;
+    assert!(
+        last.contains("STATUS=2/2 workers ready, generation 2"),
+        "{got:?}"
+    );
+}
