@@ -211,10 +211,14 @@ fn env_or_dash(key: &str) -> String {
     }
 }
 
-/// Writes one line to stderr; never panics (unlike `eprintln!` on a broken pipe).
+/// Writes one line to stderr with a single write(2), so that lines of workers sharing the
+/// supervisor's stderr do not interleave; never panics (unlike `eprintln!` on a broken
+/// pipe).
 fn log(msg: &str) {
-    let mut err = io::stderr().lock();
-    let _ = writeln!(err, "{msg}");
+    let mut line = String::with_capacity(msg.len() + 1);
+    line.push_str(msg);
+    line.push('\n');
+    let _ = io::stderr().lock().write_all(line.as_bytes());
 }
 
 /// Command line options.
