@@ -140,6 +140,20 @@ def hwm_kib(pid):
     return int(proc_status(pid)["VmHWM"].split()[0])
 
 
+def mem_detail(pid):
+    """RssAnon, RssFile (KiB, from status) and Pss (KiB, from smaps_rollup)."""
+    st = proc_status(pid)
+    out = {"anon_kib": int(st["RssAnon"].split()[0]), "file_kib": int(st["RssFile"].split()[0])}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    out["pss_kib"] = int(line.split()[1])
+    except OSError:
+        out["pss_kib"] = -1
+    return out
+
+
 def ctx_switches(pid):
     """voluntary + nonvoluntary context switches, summed over all threads of `pid`."""
     total = 0
@@ -581,7 +595,12 @@ def footprint_one(name, n, kind, idle, env=None):
     time.sleep(1.0)
     wake, cpu = idle_wakeups(sup.pid, idle)
     out = {"rss_kib": rss_kib(sup.pid), "hwm_kib": hwm_kib(sup.pid), "wakeups": wake,
-           "cpu": cpu, "threads": threads(sup.pid)}
+           "cpu": cpu, "threads": threads(sup.pid), **mem_detail(sup.pid)}
+    if kind == "worker":
+        w = sup.status()["workers"][0]["pid"]
+        out["worker_rss_kib"] = rss_kib(w)
+    else:
+        out["worker_rss_kib"] = rss_kib(children(sup.pid)[0])
     sup.stop()
     return out
 
@@ -603,11 +622,14 @@ def section_footprint(rep, a):
         rep.note(f"{label}: {r}")
         data.append({"case": label, **r})
         rows.append([label, f"{r['rss_kib'] / 1024:.2f}", f"{r['hwm_kib'] / 1024:.2f}",
+                     f"{r['anon_kib'] / 1024:.2f}", f"{r['file_kib'] / 1024:.2f}",
+                     f"{r['pss_kib'] / 1024:.2f}", f"{r['worker_rss_kib'] / 1024:.2f}",
                      f"{r['wakeups']:.1f}", f"{r['cpu']:.2f}", r["threads"]])
     rep.emit(f"Supervisor process only (workers not counted). Wakeups = voluntary + "
              f"nonvoluntary context switches of all its threads over {idle:.0f} s idle, per "
              "second.\n")
-    rep.emit(table(["workers", "VmRSS MiB", "VmHWM MiB", "idle wakeups/s",
+    rep.emit(table(["workers", "VmRSS MiB", "VmHWM MiB", "RssAnon MiB", "RssFile MiB",
+                    "Pss MiB", "one worker's VmRSS MiB", "idle wakeups/s",
                     f"CPU s in {idle:.0f} s", "threads"], rows))
     rep.data["footprint"] = data
 
@@ -652,35 +674,72 @@ def section_scale(rep, a):
     for n in (4, 256):
         sup = Supervisor(f"respawn-{n}", n, [WORKER], extra=["--restart-delay", "0"])
         sup.wait_ready()
-        lat_start, lat_ready = [], []
+        lat_exit, lat_start, lat_ready = [], [], []
         for i in range(a.kills):
             st = sup.status()
             w = st["workers"][i % n]
             slot, pid = w["slot"], w["pid"]
             t_kill = time.time()
             os.kill(pid, signal.SIGKILL)
+            exited = wait_until(
+                "the exit", 10,
+                lambda s=slot: sup.find(rf"worker {s} exited unexpectedly", t_kill))
             started = wait_until(
                 "the replacement", 10,
                 lambda s=slot, p=pid: sup.find(rf"worker {s} started \(pid (?!{p}\b)\d+", t_kill))
             ready = wait_until(
                 "the replacement ready", 10,
                 lambda s=slot: sup.find(rf"worker {s} ready after", started[0]))
+            lat_exit.append((exited[0] - t_kill) * 1000)
             lat_start.append((started[0] - t_kill) * 1000)
             lat_ready.append((ready[0] - t_kill) * 1000)
             time.sleep(0.2)
         sup.stop()
-        rdata.append({"n": n, "start_ms": lat_start, "ready_ms": lat_ready})
-        rows.append([n, a.kills, f"{med(lat_start):.2f}", f"{max(lat_start):.2f}",
-                     f"{med(lat_ready):.2f}", f"{max(lat_ready):.2f}"])
+        rdata.append({"n": n, "exit_ms": lat_exit, "start_ms": lat_start,
+                      "ready_ms": lat_ready})
+        rows.append([n, a.kills, f"{med(lat_exit):.2f}", f"{med(lat_start):.2f}",
+                     f"{max(lat_start):.2f}", f"{med(lat_ready):.2f}", f"{max(lat_ready):.2f}"])
     rep.emit("\nRespawn latency (`--restart-delay 0`, example worker): SIGKILL of one worker "
-             "→ `worker S started (pid …)` (fork+exec of the replacement done) and → its "
-             "`ready` line.\n")
-    rep.emit(table(["N", "kills", "→ started, median ms", "max ms", "→ ready, median ms",
-                    "max ms"], rows))
+             "→ `worker S exited unexpectedly` (reaped) → `worker S started (pid …)` "
+             "(fork+exec of the replacement done) → its `ready` line.\n")
+    rep.emit(table(["N", "kills", "→ exit seen, median ms", "→ started, median ms", "max ms",
+                    "→ ready, median ms", "max ms"], rows))
     rep.data["respawn"] = rdata
 
+    section_spawn_floor(rep, a)
     if a.profile:
         section_profile(rep)
+
+
+def section_spawn_floor(rep, a):
+    """What fork+exec costs on this machine without clusterctl (bench/spawn_cost.c)."""
+    exe = os.path.join(OUT, "spawn_cost")
+    if not os.access(exe, os.X_OK):
+        rep.emit("\n(no C compiler: spawn floor not measured)")
+        return
+    sleep = shutil.which("sleep")
+    n = 256
+    res = {"clusterctl": [], "fork": [], "fork-overlap": [], "spawn": []}
+    for i in range(a.scale_reps):
+        sup = Supervisor(f"floor-clusterctl-{i}", n, [sleep, "infinity"], ready="exec")
+        res["clusterctl"].append(sup.wait_ready() * 1000)
+        sup.stop()
+        for mode in ("fork", "fork-overlap", "spawn"):
+            out = subprocess.run([exe, mode, str(n), "--", sleep, "infinity"],
+                                 capture_output=True, text=True, timeout=120, check=True)
+            res[mode].append(float(out.stdout.split()[2]))
+    labels = {
+        "clusterctl": "clusterctl run, `--ready exec` (exec → `all 256 workers ready`)",
+        "fork": "C: fork + wait for exec on a CLOEXEC pipe, one by one (clusterctl's method)",
+        "fork-overlap": "C: fork all, then wait for all execs (execs overlap on other CPUs)",
+        "spawn": "C: posix_spawn one by one (vfork-style, no address-space copy)",
+    }
+    rows = [[labels[k], f"{med(v):.0f}", f"{med(v) * 1000 / n:.0f}",
+             ", ".join(f"{x:.0f}" for x in v)] for k, v in res.items()]
+    rep.emit(f"\nThe floor: starting {n} × `{sleep} infinity` without clusterctl "
+             f"(bench/spawn_cost.c), {a.scale_reps} alternating rounds, median.\n")
+    rep.emit(table(["method", "total ms", "µs per child", "rounds ms"], rows))
+    rep.data["spawn_floor"] = res
 
 
 def section_profile(rep):

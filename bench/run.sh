@@ -29,6 +29,12 @@ fi
 echo "bench: cargo build --release --bin clusterctl --example worker" >&2
 cargo build --release --quiet --bin clusterctl --example worker
 
+# The fork/exec floor of section 4 (optional: skipped without a C compiler).
+mkdir -p target/bench
+if command -v cc >/dev/null; then
+    cc -O2 -Wall -Wextra -o target/bench/spawn_cost bench/spawn_cost.c
+fi
+
 # Debian's python3 (the one gunicorn uses) runs the harness; it needs only the stdlib.
 PY=/usr/bin/python3
 [ -x "$PY" ] || PY=python3
