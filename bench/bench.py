@@ -252,9 +252,30 @@ def wrk_parse(text):
     raise RuntimeError(f"no BENCH_JSON line in wrk output:\n{text}")
 
 
-def wrk_run(port, duration, conns, log_name=None):
+def wrk_run(port, duration, conns, log_name=None, spread=False):
+    """One wrk run; with `spread`, also how the server side of its connections is spread
+    over processes (sampled with `ss` half-way through): sorted counts per pid."""
     p = wrk_start(port, duration, conns)
-    return wrk_finish(p, duration, log_name)
+    counts = None
+    if spread:
+        time.sleep(duration / 2)
+        counts = conn_spread(port)
+    r = wrk_finish(p, duration, log_name)
+    if spread:
+        r["spread"] = counts
+    return r
+
+
+def conn_spread(port):
+    try:
+        out = subprocess.run(["ss", "-Htnp", "state", "established", f"( sport = :{port} )"],
+                             capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    per = {}
+    for m in re.finditer(r"pid=(\d+)", out):
+        per[m.group(1)] = per.get(m.group(1), 0) + 1
+    return sorted(per.values(), reverse=True)
 
 
 def wrk_start(port, duration, conns):
@@ -372,24 +393,34 @@ class Supervisor:
         return secs
 
 
-def reload_and_settle(sup, wanted):
-    """`reload --wait`, then polls status until the old generation is gone.
+def reload_timed(sup, wanted):
+    """`reload --wait`; then waits (reading the log, not polling the supervisor) until the
+    old generation has exited. Times come from the supervisor's log timestamps, relative
+    to the moment the client was started:
 
-    Returns (ok, wait_seconds, settled_seconds): wall time of `reload --wait` (new
-    generation ready), and until no worker is draining any more (all traffic on the new
-    generation, old processes exited).
+    - `start`: `reload: starting generation G` (request received, first new worker forked)
+    - `serving`: `generation G serving` (every new worker ready, old ones told to drain)
+    - `gone`: the last `exited … GENERATION=G-1` line (old generation drained and reaped)
+    - `client`: wall time of the `clusterctl reload --wait` process
     """
-    t0 = time.monotonic()
-    r, _ = sup.ctl("reload", "--wait")
-    t_wait = time.monotonic() - t0
+    t0 = time.time()
+    r, client = sup.ctl("reload", "--wait")
+    ok = r.returncode == 0
+    m = re.search(r"generation (\d+) serving", r.stdout)
+    if not ok or not m:
+        return {"ok": False, "client": client}
+    gen = int(m.group(1))
+    start = sup.find(rf"reload: starting generation {gen}\b", t0 - 1)
+    serving = sup.find(rf"generation {gen} serving", t0 - 1)
 
-    def settled():
-        st = sup.status()
-        ws = st["workers"]
-        return (len(ws) == wanted and all(w["state"] == "ready" for w in ws)) or None
+    def old_gone():
+        exits = [ts for ts, msg in sup.lines()
+                 if ts >= t0 - 1 and " exited " in msg and f"GENERATION={gen - 1} " in msg + " "]
+        return max(exits) if len(exits) >= wanted else None
 
-    wait_until("the old generation to exit", 60, settled, every=0.005)
-    return r.returncode == 0, t_wait, time.monotonic() - t0
+    gone = wait_until("the old generation to exit", 60, old_gone, every=0.01)
+    return {"ok": True, "client": client, "start": start[0] - t0,
+            "serving": serving[0] - t0, "gone": gone - t0}
 
 
 # --------------------------------------------------------------------------------------
@@ -488,7 +519,7 @@ def section_datapath(rep, a):
         sup.wait_ready()
         wrk_run(sup.port, 1, conns)  # warm-up
         c0, cpu0 = ctx_switches(sup.pid), cpu_seconds(sup.pid)
-        r = wrk_run(sup.port, dur, conns, f"datapath-clusterctl-{rnd}.wrk")
+        r = wrk_run(sup.port, dur, conns, f"datapath-clusterctl-{rnd}.wrk", spread=True)
         extra["sup_ctx"].append(ctx_switches(sup.pid) - c0)
         extra["sup_cpu"].append(cpu_seconds(sup.pid) - cpu0)
         sup.stop()
@@ -503,7 +534,7 @@ def section_datapath(rep, a):
         wait_until("the reuse-port workers", 30, lambda: http_ok(port, "/health"))
         time.sleep(0.05)  # both bound (a single one can already answer)
         wrk_run(port, 1, conns)
-        r = wrk_run(port, dur, conns, f"datapath-reuseport-{rnd}.wrk")
+        r = wrk_run(port, dur, conns, f"datapath-reuseport-{rnd}.wrk", spread=True)
         for w in ws:
             stop_pid(w.pid, signal.SIGTERM, 10, popen=w)
         logf.close()
@@ -518,20 +549,21 @@ def section_datapath(rep, a):
             "p99": med([r["p99_us"] for r in rs]),
             "failed": sum(r["failed"] for r in rs),
             "rounds": [round(r["rps"]) for r in rs],
+            "spread": ["/".join(map(str, r.get("spread") or [])) for r in rs],
         }
         summary[name] = s
         label = ("clusterctl run --workers 2 (one shared socket)" if name == "clusterctl"
                  else "2 × worker --bind --reuse-port")
         rows.append([label, f"{s['rps']:.0f}", ", ".join(map(str, s["rounds"])),
-                     ms(s["p50"]), ms(s["p99"]), s["failed"]])
+                     ms(s["p50"]), ms(s["p99"]), s["failed"], ", ".join(s["spread"])])
     ratio = summary["clusterctl"]["rps"] / summary["reuseport"]["rps"]
     rows.append(["**ratio clusterctl / reuseport**", f"**{ratio:.3f}**", "",
                  f"{summary['clusterctl']['p50'] / summary['reuseport']['p50']:.2f}",
-                 f"{summary['clusterctl']['p99'] / summary['reuseport']['p99']:.2f}", ""])
+                 f"{summary['clusterctl']['p99'] / summary['reuseport']['p99']:.2f}", "", ""])
     rep.emit(f"wrk -t2 -c{conns} -d{dur}s, {rounds} alternating rounds (A B A B …), medians; "
              "the example worker in both setups.\n")
     rep.emit(table(["setup", "req/s (median)", "req/s per round", "p50 ms", "p99 ms",
-                    "failed"], rows))
+                    "failed", "connections per worker, per round"], rows))
     rep.emit(f"\nSupervisor during the measured load ({dur} s per round): CPU "
              f"{', '.join(f'{c:.2f}' for c in extra['sup_cpu'])} s, context switches "
              f"{', '.join(map(str, extra['sup_ctx']))}.")
@@ -540,33 +572,38 @@ def section_datapath(rep, a):
 
 def section_reload(rep, a):
     rep.h("2. Reload under load")
-    dur, conns, n_reloads = a.reload_duration, 50, a.reloads
+    dur, conns, n_reloads, rounds = a.reload_duration, 50, a.reloads, a.reload_rounds
     sup = Supervisor("reload", 2, [WORKER])
     sup.wait_ready()
     wrk_run(sup.port, 1, conns)
-    steady = wrk_run(sup.port, dur, conns, "reload-steady.wrk")
-    rep.note(f"steady: {steady['rps']:.0f} req/s, failed {steady['failed']}")
-    p = wrk_start(sup.port, dur, conns)
-    t0 = time.monotonic()
-    time.sleep(1.5)
     every = (dur - 4.0) / n_reloads
-    results = []
-    for i in range(n_reloads):
-        results.append(reload_and_settle(sup, 2))
-        next_at = 1.5 + (i + 1) * every
-        time.sleep(max(0.0, next_at - (time.monotonic() - t0)))
-    loaded = wrk_finish(p, dur, "reload-under-load.wrk")
+    steadies, loadeds, results = [], [], []
+    for rnd in range(rounds):
+        steady = wrk_run(sup.port, dur, conns, f"reload-steady-{rnd}.wrk")
+        rep.note(f"steady {rnd}: {steady['rps']:.0f} req/s, failed {steady['failed']}")
+        steadies.append(steady)
+        p = wrk_start(sup.port, dur, conns)
+        t0 = time.monotonic()
+        time.sleep(1.5)
+        for i in range(n_reloads):
+            results.append(reload_timed(sup, 2))
+            time.sleep(max(0.0, 1.5 + (i + 1) * every - (time.monotonic() - t0)))
+        loaded = wrk_finish(p, dur, f"reload-under-load-{rnd}.wrk")
+        loadeds.append(loaded)
+        rep.note(f"reloads {rnd}: failed requests {loaded['failed']}")
     gens = sup.status()["supervisor"]["generation"]
     sup.stop()
-    ok = sum(1 for r in results if r[0])
-    waits = [r[1] * 1000 for r in results]
-    settles = [r[2] * 1000 for r in results]
-    rep.note(f"reloads: {ok}/{n_reloads} ok, failed requests {loaded['failed']}")
+    ok = sum(1 for r in results if r["ok"])
+    good = [r for r in results if r["ok"]]
     rep.emit(f"clusterctl ×2 example workers, wrk -t2 -c{conns} -d{dur}s (closed loop, as fast "
-             f"as it goes) twice: once steady, once with {n_reloads} `reload --wait` spread "
-             f"over the run (one every {every:.2f} s; final generation {gens}).\n")
+             f"as it goes), {rounds} rounds of: one steady run, one run with {n_reloads} "
+             f"`reload --wait` spread over it (one every {every:.2f} s). Final generation "
+             f"{gens}.\n")
     rows = []
-    for name, r in (("steady state", steady), (f"{n_reloads} reloads", loaded)):
+    runs = [(f"steady state, round {i + 1}", r) for i, r in enumerate(steadies)]
+    runs += [(f"{n_reloads} reloads, round {i + 1}", r) for i, r in enumerate(loadeds)]
+    runs.sort(key=lambda x: x[0].split(", ")[1])
+    for name, r in runs:
         rows.append([name, r["requests"], f"{r['rps']:.0f}",
                      f"{r['connect']}/{r['read']}/{r['write']}/{r['timeout']}", r["status"],
                      f"**{r['failed']}**", ms(r["p50_us"]), ms(r["p99_us"]), ms(r["p999_us"]),
@@ -574,16 +611,22 @@ def section_reload(rep, a):
     rep.emit(table(["run", "requests", "req/s", "socket errors c/r/w/t", "status ≥ 400",
                     "failed", "p50 ms", "p99 ms", "p99.9 ms", "max ms"], rows))
     rep.emit("")
+
+    def line(label, key):
+        xs = [r[key] * 1000 for r in good]
+        return [label, f"{med(xs):.1f}", f"{pct(xs, 90):.1f}", f"{max(xs):.1f}"]
+
     rep.emit(table(
-        ["reload timing (ms)", "median", "p90", "max"],
-        [["`reload --wait` wall time (new generation ready, old told to drain)",
-          f"{med(waits):.1f}", f"{pct(waits, 90):.1f}", f"{max(waits):.1f}"],
-         ["until the old generation has exited (status shows no `draining`)",
-          f"{med(settles):.1f}", f"{pct(settles, 90):.1f}", f"{max(settles):.1f}"]]))
-    rep.emit(f"\nReloads that reported success: {ok}/{n_reloads}. Wall times include "
-             "starting the `clusterctl` client process (about 1 ms).")
-    rep.data["reload"] = {"steady": steady, "loaded": loaded, "ok": ok, "waits_ms": waits,
-                          "settles_ms": settles}
+        ["reload timing, ms after the client was started", "median", "p90", "max"],
+        [line("supervisor starts generation G (`reload: starting generation G`)", "start"),
+         line("every new worker ready, old ones told to drain (`generation G serving`)",
+              "serving"),
+         line("`clusterctl reload --wait` returned", "client"),
+         line("old generation drained and reaped (last `exited` of G-1)", "gone")]))
+    rep.emit(f"\nReloads that reported success: {ok}/{len(results)}. Times from the supervisor's "
+             "log timestamps; the client's own start-up (fork+exec of `clusterctl`) is "
+             "included.")
+    rep.data["reload"] = {"steady": steadies, "loaded": loadeds, "ok": ok, "timings": results}
 
 
 def footprint_one(name, n, kind, idle, env=None):
@@ -637,36 +680,43 @@ def section_footprint(rep, a):
 def section_scale(rep, a):
     rep.h("4. Scale: start-up and respawn")
     sizes = [1, 16, 64, 256]
-    rows, data = [], []
-    for kind in ("sleep", "worker"):
-        for n in sizes:
-            readies, firsts, stops, cpus = [], [], [], []
-            for rep_i in range(a.scale_reps):
+    kinds = ("sleep", "worker")
+    runs = {(k, n): {"ready_ms": [], "first_spawn_ms": [], "stop_ms": [], "sup_cpu_ms": []}
+            for k in kinds for n in sizes}
+    # Interleaved (every configuration once per round), so that slow phases of the machine
+    # hit every configuration alike.
+    for rep_i in range(a.scale_reps):
+        for kind in kinds:
+            for n in sizes:
                 name = f"scale-{kind}-{n}-{rep_i}"
                 if kind == "sleep":
                     sup = Supervisor(name, n, ["sleep", "infinity"], ready="exec")
                 else:
                     sup = Supervisor(name, n, [WORKER])
-                readies.append(sup.wait_ready() * 1000)
+                d = runs[(kind, n)]
+                d["ready_ms"].append(sup.wait_ready() * 1000)
                 first = sup.find(r"worker 0 started")
-                firsts.append((first[0] - sup.t_start) * 1000)
-                cpus.append(cpu_seconds(sup.pid) * 1000)
-                stops.append(sup.stop() * 1000)
-            d = {"kind": kind, "n": n, "ready_ms": readies, "first_spawn_ms": firsts,
-                 "stop_ms": stops, "sup_cpu_ms": cpus}
-            data.append(d)
-            label = ("`sleep infinity`, `--ready exec`" if kind == "sleep"
-                     else "example worker, `--ready notify`")
-            r = med(readies)
-            rows.append([label, n, f"{med(firsts):.1f}", f"{r:.1f}",
-                         f"{(r - med(firsts)) / n:.3f}", f"{med(cpus):.0f}",
-                         f"{med(stops):.1f}"])
-            rep.note(f"{kind} N={n}: ready {readies}, stop {stops}")
-    rep.emit(f"Median of {a.scale_reps}. *first spawn*: supervisor exec → `worker 0 started`; "
-             "*all ready*: supervisor exec → `all N workers ready` (log timestamps); "
-             "*stop*: SIGTERM → supervisor exited.\n")
-    rep.emit(table(["worker", "N", "first spawn ms", "all ready ms", "ms per worker",
-                    "supervisor CPU ms (at ready)", "stop ms"], rows))
+                d["first_spawn_ms"].append((first[0] - sup.t_start) * 1000)
+                d["sup_cpu_ms"].append(cpu_seconds(sup.pid) * 1000)
+                d["stop_ms"].append(sup.stop() * 1000)
+    rows, data = [], []
+    for (kind, n), d in runs.items():
+        data.append({"kind": kind, "n": n, **d})
+        label = ("`sleep infinity`, `--ready exec`" if kind == "sleep"
+                 else "example worker, `--ready notify`")
+        r, f = med(d["ready_ms"]), med(d["first_spawn_ms"])
+        rows.append([label, n, f"{f:.1f}", f"{r:.1f}",
+                     ", ".join(f"{x:.0f}" for x in d["ready_ms"]),
+                     f"{(r - f) / max(1, n - 1):.3f}" if n > 1 else "–",
+                     f"{med(d['sup_cpu_ms']):.0f}", f"{med(d['stop_ms']):.1f}"])
+        rep.note(f"{kind} N={n}: ready {d['ready_ms']}, stop {d['stop_ms']}")
+    rep.emit(f"{a.scale_reps} interleaved rounds, medians. *first spawn*: supervisor exec → "
+             "`worker 0 started`; *all ready*: supervisor exec → `all N workers ready` (log "
+             "timestamps); *ms per extra worker*: (all ready − first spawn) / (N − 1); "
+             "*supervisor CPU*: its utime+stime at that point (10 ms ticks); *stop*: SIGTERM → "
+             "supervisor exited (all workers reaped).\n")
+    rep.emit(table(["worker", "N", "first spawn ms", "all ready ms", "rounds ms",
+                    "ms per extra worker", "supervisor CPU ms", "stop ms"], rows))
     rep.data["scale"] = data
 
     # respawn latency
@@ -706,9 +756,97 @@ def section_scale(rep, a):
                     "→ ready, median ms", "max ms"], rows))
     rep.data["respawn"] = rdata
 
+    section_control_probe(rep, a)
     section_spawn_floor(rep, a)
     if a.profile:
         section_profile(rep)
+
+
+def control_request(sup, line):
+    """One request on the control socket, spoken directly (no client process); seconds."""
+    t0 = time.monotonic()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.settimeout(30)
+        c.connect(sup.control)
+        c.sendall(line.encode() + b"\n")
+        data = b""
+        while True:
+            chunk = c.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    assert data.startswith(b"ok "), data[:200]
+    return time.monotonic() - t0
+
+
+def respawn_once(sup, slot, pid):
+    """SIGKILLs `pid` (slot `slot`); ms until the supervisor logs the replacement started."""
+    t_kill = time.time()
+    os.kill(pid, signal.SIGKILL)
+    started = wait_until(
+        "the replacement", 300,
+        lambda: sup.find(rf"worker {slot} started \(pid (?!{pid}\b)\d+", t_kill))
+    return (started[0] - t_kill) * 1000
+
+
+def section_control_probe(rep, a):
+    """The control socket is served inside the single-threaded event loop: what a slow
+    control client costs everything else (respawns, reloads, notify), and what a status
+    request costs with many workers."""
+    rows = []
+    data = {}
+    for n in (4, 256):
+        sup = Supervisor(f"status-{n}", n, ["sleep", "infinity"], ready="exec")
+        sup.wait_ready()
+        xs = [control_request(sup, "status --json") * 1000 for _ in range(20)]
+        data[f"status_ms_{n}"] = xs
+        rows.append([f"`status --json` answered, N={n} (direct socket client)",
+                     f"{med(xs):.2f}", f"{max(xs):.2f}"])
+        sup.stop()
+    sup = Supervisor("control-probe", 4, ["sleep", "infinity"], ready="exec",
+                     extra=["--restart-delay", "0"])
+    sup.wait_ready()
+
+    def slot_pid(i):
+        w = sup.status()["workers"][i]
+        return w["slot"], w["pid"]
+
+    base = [respawn_once(sup, *slot_pid(i % 4)) for i in range(5)]
+    rows.append(["respawn (SIGKILL → replacement started), no control client",
+                 f"{med(base):.2f}", f"{max(base):.2f}"])
+    silent = []
+    for i in range(3):
+        slot, pid = slot_pid(i)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+            c.connect(sup.control)
+            time.sleep(0.05)  # the supervisor has accepted it and waits for a line
+            silent.append(respawn_once(sup, slot, pid))
+        time.sleep(0.6)
+    rows.append(["respawn while one control client is connected and silent",
+                 f"{med(silent):.2f}", f"{max(silent):.2f}"])
+    slot, pid = slot_pid(0)
+    trickle_for = a.trickle
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+        c.connect(sup.control)
+        t_end = time.monotonic() + trickle_for
+        time.sleep(0.05)
+        t_kill = time.time()
+        os.kill(pid, signal.SIGKILL)
+        while time.monotonic() < t_end:
+            c.sendall(b"x")  # one byte every 0.4 s: each read() of it resets the timeout
+            time.sleep(0.4)
+    started = wait_until("the replacement", 300, lambda: sup.find(
+        rf"worker {slot} started \(pid (?!{pid}\b)\d+", t_kill))
+    trickle = (started[0] - t_kill) * 1000
+    rows.append([f"respawn while one control client sends a byte every 0.4 s (for "
+                 f"{trickle_for:.0f} s, no newline)", f"{trickle:.0f}", f"{trickle:.0f}"])
+    sup.stop()
+    data.update({"respawn_ms": base, "respawn_silent_ms": silent,
+                 "respawn_trickle_ms": trickle})
+    rep.emit("\nThe control socket is served inside the supervisor's only thread: what a "
+             "request costs, and what a slow control client costs everything else.\n")
+    rep.emit(table(["probe", "median ms", "max ms"], rows))
+    rep.data["control_probe"] = data
 
 
 def section_spawn_floor(rep, a):
@@ -802,8 +940,8 @@ def peer_clusterctl(a, port):
     idle = master_idle(sup.pid, a.idle)
 
     def do_reload():
-        ok, _, settled = reload_and_settle(sup, 2)
-        return ok, settled
+        r = reload_timed(sup, 2)
+        return r["ok"], r.get("gone", float("nan"))
 
     load = reload_load_run(port, a.peer_reloads, do_reload, sup.pid, a.peer_duration, 50)
     sup.stop()
@@ -942,17 +1080,19 @@ def main():
     ap.add_argument("--no-profile", dest="profile", action="store_false",
                     help="skip the strace syscall profile in section 4")
     a = ap.parse_args()
-    a.rounds, a.duration = 3, 10
-    a.reload_duration, a.reloads = 30, 20
+    a.rounds, a.duration = 5, 10
+    a.reload_duration, a.reloads, a.reload_rounds = 30, 20, 2
     a.idle = 10.0
     a.scale_reps, a.kills = 3, 10
     a.peer_duration, a.peer_reloads = 16, 5
+    a.trickle = 5.0
     if a.quick:
         a.rounds, a.duration = 1, 3
-        a.reload_duration, a.reloads = 10, 5
+        a.reload_duration, a.reloads, a.reload_rounds = 10, 5, 1
         a.idle = 2.0
         a.scale_reps, a.kills = 1, 3
         a.peer_duration, a.peer_reloads = 8, 2
+        a.trickle = 2.0
     for exe in (CLUSTERCTL, WORKER):
         if not os.access(exe, os.X_OK):
             sys.exit(f"{exe} is missing: run bash bench/run.sh (it builds it)")
