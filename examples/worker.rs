@@ -17,25 +17,34 @@
 //! (`O_NONBLOCK` lives on the open file description, which other workers and systemd
 //! share); the worker only stops accepting and closes its own descriptors.
 //!
+//! Accept threads sit in a blocking `accept4()`. The drain gets each of them out with a
+//! private wake-up signal (SIGUSR2, a no-op handler installed without `SA_RESTART`, so the
+//! blocked accept4 fails with EINTR), sent to every accept thread again and again until
+//! each has returned, and joins them before it waits for the open connections: a
+//! connection that an accept thread took at the last moment is served, never reset by
+//! the exit.
+//!
 //! Responses: `/health` answers `ok`, `/sleep/<ms>` sleeps (at most 60 s) and then answers
 //! like every other path: `worker=<id> pid=<pid> generation=<gen> socket=<name>`.
 
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use std::{env, process, thread};
 
 use listenfd::ListenFd;
 use nix::errno::Errno;
-use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::signal::{SigSet, Signal};
+use nix::libc;
+use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::sys::socket::{
-    self, AddressFamily, Backlog, SockFlag, SockType, SockaddrLike, SockaddrStorage, sockopt,
+    self, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, SockaddrIn6, sockopt,
 };
 use sd_notify::NotifyState;
 
@@ -63,6 +72,15 @@ const CONN_STACK: usize = 128 * 1024;
 /// Pause after accept() failed for lack of resources (EMFILE and friends), so a full fd
 /// table does not turn the accept loop into a busy loop.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Private signal that interrupts an accept thread's blocking accept4() during the drain.
+/// Only the accept threads leave it unblocked.
+const WAKE_SIGNAL: Signal = Signal::SIGUSR2;
+/// During the drain, the wake-up signal is sent to every accept thread still running this
+/// often: a signal that arrives between the thread's look at the drain flag and its entry
+/// into accept4() is lost, the next one is not.
+const WAKE_EVERY: Duration = Duration::from_millis(10);
+/// How often the drain looks whether the accept threads have returned.
+const WAKE_CHECK: Duration = Duration::from_millis(1);
 
 const USAGE: &str = "usage: worker [--bind ADDR]... [--reuse-port] [--drain-timeout SECS]
 
@@ -88,10 +106,20 @@ fn main() {
     };
 
     // Block the stop signals before any thread exists: every thread inherits the mask,
-    // so the signals stay pending until the main thread collects them with sigwait.
+    // so the signals stay pending until the main thread collects them with sigwait. The
+    // wake-up signal is blocked too; only the accept threads unblock it.
     let stop_signals = stop_signal_set();
-    if let Err(e) = stop_signals.thread_block() {
-        ident.log(&format!("cannot block stop signals: {e}"));
+    let mut blocked = stop_signals;
+    blocked.add(WAKE_SIGNAL);
+    if let Err(e) = blocked.thread_block() {
+        ident.log(&format!("cannot block signals: {e}"));
+        process::exit(1);
+    }
+    if let Err(e) = install_wake_handler() {
+        ident.log(&format!(
+            "cannot install the {} handler: {e}",
+            WAKE_SIGNAL.as_str()
+        ));
         process::exit(1);
     }
 
@@ -111,30 +139,21 @@ fn main() {
     };
 
     let shared = Arc::new(Shared::default());
-    let (wake_tx, wake_rx) = match UnixStream::pair() {
-        Ok(pair) => pair,
-        Err(e) => {
-            ident.log(&format!("cannot create the wake-up socket pair: {e}"));
-            process::exit(1);
-        }
-    };
-    let wake_rx = Arc::new(wake_rx);
-
     let count = sockets.len();
+    let mut acceptors = Vec::with_capacity(count);
     for sock in sockets {
         shared.lock().acceptors += 1;
-        if sock.owned {
-            shared.lock().sweepers += 1;
-        }
         let shared_for_thread = Arc::clone(&shared);
-        let wake = Arc::clone(&wake_rx);
         let ident_for_thread = ident.clone();
         let spawned = thread::Builder::new()
             .name(format!("accept-{}", sock.name))
-            .spawn(move || accept_loop(&sock, &wake, &shared_for_thread, &ident_for_thread));
-        if let Err(e) = spawned {
-            ident.log(&format!("cannot start an accept thread: {e}"));
-            process::exit(1);
+            .spawn(move || accept_loop(&sock, &shared_for_thread, &ident_for_thread));
+        match spawned {
+            Ok(handle) => acceptors.push(handle),
+            Err(e) => {
+                ident.log(&format!("cannot start an accept thread: {e}"));
+                process::exit(1);
+            }
         }
     }
 
@@ -150,7 +169,7 @@ fn main() {
     ));
 
     let signal = wait_for_stop_signal(&stop_signals, &ident);
-    drain(signal, &shared, &wake_tx, opts.drain_timeout, &ident);
+    drain(signal, &shared, acceptors, opts.drain_timeout, &ident);
 }
 
 /// Who this worker is, for responses and log lines (`-` for missing values).
@@ -192,10 +211,14 @@ fn env_or_dash(key: &str) -> String {
     }
 }
 
-/// Writes one line to stderr; never panics (unlike `eprintln!` on a broken pipe).
+/// Writes one line to stderr with a single write(2), so that lines of workers sharing the
+/// supervisor's stderr do not interleave; never panics (unlike `eprintln!` on a broken
+/// pipe).
 fn log(msg: &str) {
-    let mut err = io::stderr().lock();
-    let _ = writeln!(err, "{msg}");
+    let mut line = String::with_capacity(msg.len() + 1);
+    line.push_str(msg);
+    line.push('\n');
+    let _ = io::stderr().lock().write_all(line.as_bytes());
 }
 
 /// Command line options.
@@ -264,8 +287,9 @@ struct Socket {
     listener: Listener,
     /// Fd name from `LISTEN_FDNAMES`, or the `--bind` address.
     name: String,
-    /// Bound by this process (`--bind`): not shared, so it is non-blocking and the
-    /// connections still queued on it are accepted and served before it is closed.
+    /// Bound by this process (`--bind`): not shared, so once accepting stops it is made
+    /// non-blocking and the connections still queued on it are accepted and served before
+    /// it is closed.
     owned: bool,
     body: Arc<[u8]>,
 }
@@ -277,17 +301,30 @@ enum Listener {
 }
 
 impl Listener {
-    fn accept(&self) -> io::Result<Conn> {
+    /// One accept4() call, without std's automatic retry on EINTR: the wake-up signal must
+    /// be able to get the thread out. Accepted sockets are blocking and close-on-exec.
+    fn accept(&self) -> Result<Conn, Errno> {
+        let raw = socket::accept4(self.as_raw_fd(), SockFlag::SOCK_CLOEXEC)?;
+        // SAFETY: accept4 just returned this descriptor, open and owned by nothing else;
+        // the OwnedFd takes sole ownership of it.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        Ok(match self {
+            Self::Tcp(_) => Conn::Tcp(TcpStream::from(fd)),
+            Self::Unix(_) => Conn::Unix(UnixStream::from(fd)),
+        })
+    }
+
+    fn as_raw_fd(&self) -> RawFd {
         match self {
-            Self::Tcp(l) => l.accept().map(|(s, _)| Conn::Tcp(s)),
-            Self::Unix(l) => l.accept().map(|(s, _)| Conn::Unix(s)),
+            Self::Tcp(l) => l.as_raw_fd(),
+            Self::Unix(l) => l.as_raw_fd(),
         }
     }
 
-    fn as_fd(&self) -> BorrowedFd<'_> {
+    fn set_nonblocking(&self) -> io::Result<()> {
         match self {
-            Self::Tcp(l) => l.as_fd(),
-            Self::Unix(l) => l.as_fd(),
+            Self::Tcp(l) => l.set_nonblocking(true),
+            Self::Unix(l) => l.set_nonblocking(true),
         }
     }
 }
@@ -359,9 +396,6 @@ fn collect_sockets(opts: &Options, ident: &Identity) -> Result<Vec<Socket>, Stri
         .map(|&addr| {
             let listener = bind_tcp(addr, opts.reuse_port)
                 .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-            listener
-                .set_nonblocking(true)
-                .map_err(|e| format!("cannot make {addr} non-blocking: {e}"))?;
             let name = addr.to_string();
             Ok(Socket {
                 listener: Listener::Tcp(listener),
@@ -439,60 +473,12 @@ fn bind_tcp(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
     if reuse_port {
         socket::setsockopt(&fd, sockopt::ReusePort, &true)?;
     }
-    socket::bind(fd.as_raw_fd(), &sockaddr(addr)?)?;
+    match addr {
+        SocketAddr::V4(a) => socket::bind(fd.as_raw_fd(), &SockaddrIn::from(a))?,
+        SocketAddr::V6(a) => socket::bind(fd.as_raw_fd(), &SockaddrIn6::from(a))?,
+    }
     socket::listen(&fd, Backlog::MAXCONN)?;
     Ok(TcpListener::from(fd))
-}
-
-/// Converts a std socket address into nix's storage type (nix's own conversion needs its
-/// `net` feature, which this crate does not enable).
-fn sockaddr(addr: SocketAddr) -> io::Result<SockaddrStorage> {
-    use nix::libc;
-    use std::mem::size_of;
-
-    let invalid = || io::Error::new(io::ErrorKind::InvalidInput, "unsupported address");
-    let family = |af: libc::c_int| libc::sa_family_t::try_from(af).map_err(|_| invalid());
-    let len = |size: usize| libc::socklen_t::try_from(size).map_err(|_| invalid());
-    let storage = match addr {
-        SocketAddr::V4(a) => {
-            let raw = libc::sockaddr_in {
-                sin_family: family(libc::AF_INET)?,
-                sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from_ne_bytes(a.ip().octets()),
-                },
-                sin_zero: [0; 8],
-            };
-            // SAFETY: `raw` is a fully initialised sockaddr_in that outlives the call, and
-            // the length passed is exactly its size; from_raw only copies those bytes.
-            unsafe {
-                SockaddrStorage::from_raw(
-                    (&raw const raw).cast(),
-                    Some(len(size_of::<libc::sockaddr_in>())?),
-                )
-            }
-        }
-        SocketAddr::V6(a) => {
-            let raw = libc::sockaddr_in6 {
-                sin6_family: family(libc::AF_INET6)?,
-                sin6_port: a.port().to_be(),
-                sin6_flowinfo: a.flowinfo(),
-                sin6_addr: libc::in6_addr {
-                    s6_addr: a.ip().octets(),
-                },
-                sin6_scope_id: a.scope_id(),
-            };
-            // SAFETY: `raw` is a fully initialised sockaddr_in6 that outlives the call, and
-            // the length passed is exactly its size; from_raw only copies those bytes.
-            unsafe {
-                SockaddrStorage::from_raw(
-                    (&raw const raw).cast(),
-                    Some(len(size_of::<libc::sockaddr_in6>())?),
-                )
-            }
-        }
-    };
-    storage.ok_or_else(invalid)
 }
 
 /// State shared by the main thread, the accept threads and the connection threads.
@@ -509,9 +495,6 @@ struct Counts {
     connections: usize,
     /// Running accept threads.
     acceptors: usize,
-    /// Accept threads of sockets bound by this process that have not finished accepting
-    /// their queued connections; the drain waits for them (they never block).
-    sweepers: usize,
 }
 
 impl Shared {
@@ -556,37 +539,55 @@ enum AcceptError {
     Fatal,
 }
 
-fn classify_accept_error(e: &io::Error) -> AcceptError {
-    match e.raw_os_error().map(Errno::from_raw) {
-        Some(
-            Errno::EAGAIN
-            | Errno::EINTR
-            | Errno::ECONNABORTED
-            | Errno::EPROTO
-            | Errno::EPERM
-            | Errno::ENETDOWN
-            | Errno::ENOPROTOOPT
-            | Errno::EHOSTDOWN
-            | Errno::ENONET
-            | Errno::EHOSTUNREACH
-            | Errno::EOPNOTSUPP
-            | Errno::ENETUNREACH
-            | Errno::ETIMEDOUT,
-        ) => AcceptError::Retry,
-        Some(Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM) => {
-            AcceptError::Backoff
-        }
+fn classify_accept_error(e: Errno) -> AcceptError {
+    match e {
+        Errno::EAGAIN
+        | Errno::EINTR
+        | Errno::ECONNABORTED
+        | Errno::EPROTO
+        | Errno::EPERM
+        | Errno::ENETDOWN
+        | Errno::ENOPROTOOPT
+        | Errno::EHOSTDOWN
+        | Errno::ENONET
+        | Errno::EHOSTUNREACH
+        | Errno::EOPNOTSUPP
+        | Errno::ENETUNREACH
+        | Errno::ETIMEDOUT => AcceptError::Retry,
+        Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM => AcceptError::Backoff,
         _ => AcceptError::Fatal,
     }
 }
 
+/// No-op handler of the wake-up signal: its only effect is that a blocking accept4() in
+/// the thread it is delivered to fails with EINTR.
+extern "C" fn on_wake_signal(_: libc::c_int) {}
+
+/// Installs the wake-up signal's handler, without `SA_RESTART` (with it, the kernel would
+/// restart the interrupted accept4() instead of returning EINTR).
+fn install_wake_handler() -> nix::Result<()> {
+    let action = SigAction::new(
+        SigHandler::Handler(on_wake_signal),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    // SAFETY: the handler does nothing at all, so it is trivially async-signal-safe, and
+    // no other code in this process installs or relies on a handler for this signal.
+    unsafe { nix::sys::signal::sigaction(WAKE_SIGNAL, &action) }.map(drop)
+}
+
 /// Accepts connections on one socket until the drain starts, one thread per connection.
 ///
-/// Waits in poll() on the listener and the wake-up socket. A shared listener may be in
-/// blocking mode and another worker may win the race for a connection, so accept() can
-/// block; if the drain starts meanwhile, the one connection it then returns is still
-/// served (with `Connection: close`) and the loop ends.
-fn accept_loop(sock: &Socket, wake: &UnixStream, shared: &Arc<Shared>, ident: &Identity) {
+/// Blocks in accept4() (a shared listener must stay blocking). The drain sets the flag and
+/// then sends this thread the wake-up signal until it has returned, so accept4() fails
+/// with EINTR and the loop sees the flag; a connection accept4() returned first is still
+/// handed to its own thread (counted before this thread ends), so the drain serves it.
+fn accept_loop(sock: &Socket, shared: &Arc<Shared>, ident: &Identity) {
+    if let Err(e) = SigSet::from(WAKE_SIGNAL).thread_unblock() {
+        // Without the signal the drain could not get this thread out of accept4().
+        ident.log(&format!("cannot unblock {}: {e}", WAKE_SIGNAL.as_str()));
+        process::exit(1);
+    }
     let mut last_complaint: Option<Instant> = None;
     let mut complain = |msg: String| {
         if last_complaint.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
@@ -595,44 +596,10 @@ fn accept_loop(sock: &Socket, wake: &UnixStream, shared: &Arc<Shared>, ident: &I
         }
     };
     let mut fatal = false;
-    loop {
-        let mut fds = [
-            PollFd::new(sock.listener.as_fd(), PollFlags::POLLIN),
-            PollFd::new(wake.as_fd(), PollFlags::POLLIN),
-        ];
-        match poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) => {}
-            Err(Errno::EINTR) => continue,
-            Err(e) => {
-                complain(format!("poll on {} failed: {e}", sock.name));
-                thread::sleep(ACCEPT_BACKOFF);
-                continue;
-            }
-        }
-        let listener_events = fds[0].revents().unwrap_or(PollFlags::empty());
-        let woken = fds[1].any().unwrap_or(true);
-        if woken || shared.draining() {
-            break;
-        }
-        if listener_events.contains(PollFlags::POLLNVAL) {
-            ident.log(&format!("listener {} is not an open socket", sock.name));
-            fatal = true;
-            break;
-        }
-        if listener_events.is_empty() {
-            continue;
-        }
+    while !shared.draining() {
         match sock.listener.accept() {
-            Ok(conn) => {
-                // Read the flag before handing the connection over: if the drain started
-                // while accept() was blocked, this is the last connection taken.
-                let draining = shared.draining();
-                spawn_connection(conn, sock, shared, &mut complain);
-                if draining {
-                    break;
-                }
-            }
-            Err(e) => match classify_accept_error(&e) {
+            Ok(conn) => spawn_connection(conn, sock, shared, &mut complain),
+            Err(e) => match classify_accept_error(e) {
                 AcceptError::Retry => {}
                 AcceptError::Backoff => {
                     complain(format!("accept on {} failed: {e}; backing off", sock.name));
@@ -647,19 +614,24 @@ fn accept_loop(sock: &Socket, wake: &UnixStream, shared: &Arc<Shared>, ident: &I
         }
     }
     if sock.owned && !fatal {
-        // This socket is ours alone (and non-blocking): connections still queued on it
-        // would be reset when it is closed, so take and serve them now.
-        while let Ok(conn) = sock.listener.accept() {
-            spawn_connection(conn, sock, shared, &mut complain);
+        // This socket is ours alone: connections still queued on it would be reset when it
+        // is closed, so take and serve them now (non-blocking, so this ends when the
+        // queue is empty).
+        match sock.listener.set_nonblocking() {
+            Ok(()) => loop {
+                match sock.listener.accept() {
+                    Ok(conn) => spawn_connection(conn, sock, shared, &mut complain),
+                    Err(Errno::EINTR | Errno::ECONNABORTED) => {}
+                    Err(_) => break,
+                }
+            },
+            Err(e) => ident.log(&format!("cannot make {} non-blocking: {e}", sock.name)),
         }
     }
     // Dropping the socket afterwards closes this process's descriptor and nothing else.
     let mut last = false;
     shared.update(|c| {
         c.acceptors -= 1;
-        if sock.owned {
-            c.sweepers -= 1;
-        }
         last = c.acceptors == 0;
     });
     if fatal && last && !shared.draining() {
@@ -682,6 +654,8 @@ fn spawn_connection(
         .stack_size(CONN_STACK)
         .spawn(move || {
             let _guard = guard;
+            // Inherited unblocked from the accept thread; only accept threads take it.
+            let _ = SigSet::from(WAKE_SIGNAL).thread_block();
             serve_connection(conn, &body, &shared);
         });
     if let Err(e) = spawned {
@@ -1129,20 +1103,20 @@ fn start_watchdog(ident: &Identity) {
 }
 
 /// Drains after a stop signal and exits; never returns.
+///
+/// Order matters: first every accept thread is made to leave accept4() and joined, so no
+/// connection can be accepted any more and every accepted one is counted; only then the
+/// open connections are waited for.
 fn drain(
     signal: Signal,
     shared: &Shared,
-    wake_tx: &UnixStream,
+    acceptors: Vec<JoinHandle<()>>,
     timeout: Duration,
     ident: &Identity,
 ) -> ! {
     let started = Instant::now();
+    let deadline = started + timeout;
     shared.draining.store(true, Ordering::SeqCst);
-    // Wakes every accept thread that sits in poll(); the byte is never read, so the
-    // wake-up socket stays readable for all of them.
-    if let Err(e) = (&*wake_tx).write_all(b"x") {
-        ident.log(&format!("cannot wake the accept threads: {e}"));
-    }
     let open = shared.lock().connections;
     log(&format!(
         "worker {} pid {} generation {} draining on {} ({open} connection(s) open)",
@@ -1153,9 +1127,20 @@ fn drain(
     ));
     let _ = sd_notify::notify(&[NotifyState::Stopping, NotifyState::Status("draining")]);
 
-    let deadline = started + timeout;
+    let stuck = stop_accepting(&acceptors, deadline);
+    if stuck == 0 {
+        for handle in acceptors {
+            // A panicked accept thread has nothing left to hand over.
+            let _ = handle.join();
+        }
+    } else {
+        ident.log(&format!(
+            "{stuck} accept thread(s) did not stop before the drain timeout"
+        ));
+    }
+
     let mut counts = shared.lock();
-    while counts.connections > 0 || counts.sweepers > 0 {
+    while counts.connections > 0 {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             break;
@@ -1166,7 +1151,6 @@ fn drain(
             .unwrap_or_else(PoisonError::into_inner)
             .0;
     }
-    // The lock stays held until exit, so no accept thread can hand out another connection.
     let outcome = if counts.connections == 0 {
         "all connections finished".to_owned()
     } else {
@@ -1183,6 +1167,41 @@ fn drain(
         started.elapsed().as_secs_f64()
     ));
     process::exit(0);
+}
+
+/// Sends the wake-up signal to every accept thread still running, every `WAKE_EVERY`,
+/// until all have returned or `deadline` passed; returns how many are still running.
+///
+/// Repeating closes the lost-wakeup race: a thread that read the drain flag just before it
+/// was set and was signalled before it entered accept4() blocks there, and is interrupted
+/// by the next signal. In between, the threads are checked every `WAKE_CHECK`, so the
+/// usual case (every thread out at the first signal) costs about a millisecond.
+fn stop_accepting(acceptors: &[JoinHandle<()>], deadline: Instant) -> usize {
+    let mut next_signal = Instant::now();
+    loop {
+        let now = Instant::now();
+        let signal = now >= next_signal;
+        if signal {
+            next_signal = now + WAKE_EVERY;
+        }
+        let mut running = 0;
+        for handle in acceptors.iter().filter(|h| !h.is_finished()) {
+            running += 1;
+            if !signal {
+                continue;
+            }
+            // SAFETY: the handle is neither joined nor detached, so its pthread_t is still
+            // valid (a thread that has just returned stays a valid, joinable target).
+            // The signal's handler was installed before any accept thread started.
+            let rc =
+                unsafe { libc::pthread_kill(handle.as_pthread_t(), WAKE_SIGNAL as libc::c_int) };
+            debug_assert!(rc == 0 || rc == libc::ESRCH, "pthread_kill: {rc}");
+        }
+        if running == 0 || now >= deadline {
+            return running;
+        }
+        thread::sleep(WAKE_CHECK);
+    }
 }
 
 #[cfg(test)]
