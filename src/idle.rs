@@ -253,13 +253,24 @@ fn tcp_dump(family: AddressFamily) -> std::io::Result<Vec<DiagSock>> {
         SockProtocol::NetlinkSockDiag,
     )?;
     bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0))?;
+    // Never let a dump stall the event loop.
+    nix::sys::socket::setsockopt(
+        &fd,
+        nix::sys::socket::sockopt::ReceiveTimeout,
+        &nix::sys::time::TimeVal::new(1, 0),
+    )?;
     send(fd.as_raw_fd(), &tcp_request(family), MsgFlags::empty())?;
     let mut socks = Vec::new();
-    let mut buf = vec![0u8; 32 * 1024];
+    let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+        // MSG_TRUNC: the real length, so a message larger than the buffer is an error
+        // instead of silently cut (which could lose NLMSG_DONE).
+        let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::MSG_TRUNC)?;
         if n == 0 {
             break;
+        }
+        if n > buf.len() {
+            return Err(std::io::Error::other("sock_diag answer larger than 64 KiB"));
         }
         match parse_dump(&buf[..n], &mut socks) {
             Ok(true) => break,

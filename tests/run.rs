@@ -222,6 +222,8 @@ fn worker_ignoring_the_stop_signal_is_killed_after_stop_timeout() {
         ])
         .spawn();
     let pid: i32 = sup.wait_workers(1, 1)[0]["pid"].parse().unwrap();
+    // Ready means the probe has set up its signal handling (it ignores SIGTERM from then).
+    sup.wait_log("all 1 workers ready");
     sup.signal(Signal::SIGTERM);
     assert_eq!(exit_code(sup.wait_exit()), 0);
     assert!(!alive(pid));
@@ -245,6 +247,7 @@ fn second_sigint_kills_at_once() {
         ])
         .spawn();
     sup.wait_workers(2, 1);
+    sup.wait_log("all 2 workers ready");
     sup.signal(Signal::SIGINT);
     sup.wait_log("stopping 2 worker(s)");
     sup.signal(Signal::SIGINT);
@@ -529,7 +532,8 @@ fn reload_starts_a_new_generation_and_rollback_keeps_the_old_one() {
             .all(|r| !alive(r["pid"].parse().unwrap()))
             .then_some(())
     });
-    assert!(http_get(port, "/").unwrap().contains("generation=2"));
+    let body = http_get(port, "/").unwrap_or_else(|e| panic!("{e}\n{}", sup.log()));
+    assert!(body.contains("generation=2"), "{body}");
     // A broken deploy: generation 3 crashes. The reload fails, generation 2 keeps serving.
     std::fs::write(dir.join("mode.gen3"), "crash").unwrap();
     let (code, out, err) = sup.ctl(&["reload", "--wait"]);

@@ -293,9 +293,9 @@ impl Executor {
         let now = Instant::now();
         let watched = (cfg.exit_idle_after.is_some() || cfg.lazy)
             .then(|| crate::idle::Watched::from_listeners(listeners.len()));
-        // A tenth of the idle timeout, within 100 ms .. 5 s.
+        // A tenth of the idle timeout, within 200 ms .. 5 s.
         let sample_every = cfg.exit_idle_after.map_or(Duration::from_secs(5), |d| {
-            (d / 10).clamp(Duration::from_millis(100), Duration::from_secs(5))
+            (d / 10).clamp(Duration::from_millis(200), Duration::from_secs(5))
         });
         let journal_identifier =
             crate::log::stderr_is_journal().then(|| crate::journal::base_identifier(&program));
@@ -347,9 +347,6 @@ impl Executor {
     fn wait(&mut self) -> Result<Vec<Event>> {
         let mut events = Vec::new();
         self.housekeeping(&mut events);
-        if !events.is_empty() {
-            return Ok(events);
-        }
         let idle = self.state.phase == state::Phase::Idle && self.watched.is_some();
         let deadline = [
             self.state.next_deadline(),
@@ -361,6 +358,9 @@ impl Executor {
         .flatten()
         .min();
         let timeout = match deadline {
+            // Housekeeping produced events: still look at the other inputs (never starve
+            // signals and notifications), but do not sleep.
+            _ if !events.is_empty() => PollTimeout::ZERO,
             None => PollTimeout::NONE,
             Some(t) => {
                 let d = t.saturating_duration_since(Instant::now());
@@ -425,7 +425,9 @@ impl Executor {
                     busy: w.sample().busy(),
                 });
             }
-            self.next_sample = Some(now + self.sample_every);
+            // From the end of the sample: a slow sample (a host with many sockets) must not
+            // make the next one due at once.
+            self.next_sample = Some(Instant::now() + self.sample_every);
         }
         if let (Some(interval), Some(at)) = (self.watchdog, self.next_ping)
             && at <= now

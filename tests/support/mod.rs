@@ -21,18 +21,27 @@ use nix::unistd::Pid;
 /// How often the polling helpers re-check their condition.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
+/// A TCP port on 127.0.0.1 that was free a moment ago, below the kernel's ephemeral
+/// range (`net.ipv4.ip_local_port_range`, 32768+ by default).
 ///
-/// The port is released before returning, so another process could grab it in
-/// between; that race is accepted (the kernel hands out ephemeral ports
-/// round-robin, which makes an immediate reuse unlikely).
+/// Not an ephemeral port on purpose: the load tests open thousands of client connections
+/// from ephemeral ports, and on loopback a client whose local port equals a server's port
+/// can collide with the mirrored 4-tuple of another connection. The port is released
+/// before returning, so another process could grab it in between; distinct tests get
+/// distinct ports from a per-process counter.
 pub fn free_port() -> u16 {
-    let listener =
-        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0 to find a free port");
-    listener
-        .local_addr()
-        .expect("local address of the probe listener")
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    // Spread concurrent test processes over the range by pid.
+    let base = 20_000 + u16::try_from(std::process::id() % 50).unwrap_or(0) * 200;
+    for _ in 0..12_000 {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % 12_000;
+        let port = 20_000 + (base - 20_000 + offset) % 12_000;
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 20000..32000 on 127.0.0.1")
 }
 
 /// Calls `condition` every [`POLL_INTERVAL`] until it returns `true` (then returns
