@@ -549,7 +549,7 @@ def section_datapath(rep, a):
             "p99": med([r["p99_us"] for r in rs]),
             "failed": sum(r["failed"] for r in rs),
             "rounds": [round(r["rps"]) for r in rs],
-            "spread": ["/".join(map(str, r.get("spread") or [])) for r in rs],
+            "spread": ["/".join(map(str, r.get("spread") or [])) or "n/a" for r in rs],
         }
         summary[name] = s
         label = ("clusterctl run --workers 2 (one shared socket)" if name == "clusterctl"
@@ -1060,8 +1060,9 @@ def section_peers(rep, a):
     rep.emit(f"Master = clusterctl's supervisor, gunicorn's arbiter, PM2's God daemon. Idle "
              f"figures over {a.idle:.0f} s; then wrk -t2 -c50 -d{a.peer_duration}s with "
              f"{a.peer_reloads} reloads spread over the run. *reload ms*: until the old "
-             "workers are gone (clusterctl: `reload --wait` + no `draining` left; gunicorn: "
-             "both children replaced; PM2: `pm2 reload` returns).\n")
+             "workers are gone (clusterctl: last `exited` of the old generation in its log; "
+             "gunicorn: both children replaced by new pids; PM2: `pm2 reload` returned, which "
+             "is after its last old instance stopped).\n")
     rep.emit(table(["setup", "master RSS MiB", "master idle wakeups/s", "master threads",
                     "req/s (during reloads)", "master CPU s under load",
                     "reloads ok", "failed requests", "p99 ms", "max ms", "reload ms (median)"],
