@@ -549,7 +549,7 @@ def section_datapath(rep, a):
             "p99": med([r["p99_us"] for r in rs]),
             "failed": sum(r["failed"] for r in rs),
             "rounds": [round(r["rps"]) for r in rs],
-            "spread": ["/".join(map(str, r.get("spread") or [])) for r in rs],
+            "spread": ["/".join(map(str, r.get("spread") or [])) or "n/a" for r in rs],
         }
         summary[name] = s
         label = ("clusterctl run --workers 2 (one shared socket)" if name == "clusterctl"
@@ -841,12 +841,73 @@ def section_control_probe(rep, a):
     rows.append([f"respawn while one control client sends a byte every 0.4 s (for "
                  f"{trickle_for:.0f} s, no newline)", f"{trickle:.0f}", f"{trickle:.0f}"])
     sup.stop()
+    stalled = log_sink_probe()
+    rows.append(["respawn while the supervisor's stderr is a full pipe (reader stalled; "
+                 "waited 3 s)", stalled["frozen"], stalled["frozen"]])
+    rows.append(["… respawn once the pipe is read again", f"{stalled['after_ms']:.0f}",
+                 f"{stalled['after_ms']:.0f}"])
     data.update({"respawn_ms": base, "respawn_silent_ms": silent,
-                 "respawn_trickle_ms": trickle})
-    rep.emit("\nThe control socket is served inside the supervisor's only thread: what a "
-             "request costs, and what a slow control client costs everything else.\n")
+                 "respawn_trickle_ms": trickle, "log_sink": stalled})
+    rep.emit("\nThe control socket is served, and the log written, inside the supervisor's "
+             "only thread: what a status request costs, and what a slow control client or a "
+             "stalled log reader costs everything else (4 × `sleep infinity`, "
+             "`--restart-delay 0`; the log probe 16 workers).\n")
     rep.emit(table(["probe", "median ms", "max ms"], rows))
     rep.data["control_probe"] = data
+
+
+def log_sink_probe(n=16, wait=3.0):
+    """The supervisor logs synchronously from its only thread: with its stderr a pipe that
+    nobody reads (a stalled log reader), does it still reap and respawn?"""
+    tmp = tempfile.mkdtemp(prefix="clusterctl-bench-sink-")
+    control = os.path.join(tmp, "control.sock")
+    p = Tracked.popen([CLUSTERCTL, "run", "--log", "stderr", "--listen",
+                       f"127.0.0.1:{free_port()}", "--workers", str(n), "--ready", "exec",
+                       "--restart-delay", "0", "--stop-timeout", "5s", "--control", control,
+                       "--", "sleep", "infinity"],
+                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                      stdin=subprocess.DEVNULL)
+    wait_until("the workers", 30, lambda: len(children(p.pid)) == n)
+    # SIGUSR1 writes the status table to the log: enough of them fill the 64 KiB pipe.
+    for _ in range(40):
+        os.kill(p.pid, signal.SIGUSR1)
+        time.sleep(0.02)
+    time.sleep(0.3)
+    victim = children(p.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+
+    def replaced():
+        kids = children(p.pid)
+        return victim not in kids and len(kids) == n
+
+    t0 = time.monotonic()
+    frozen = "no"
+    try:
+        wait_until("a respawn", wait, replaced)
+        frozen = f"respawned after {(time.monotonic() - t0) * 1000:.0f} ms"
+    except TimeoutError:
+        frozen = f"**none within {wait:.0f} s** (worker left a zombie)"
+    os.set_blocking(p.stderr.fileno(), False)
+    t1 = time.monotonic()
+
+    def drain_and_check():
+        try:
+            p.stderr.read()
+        except (OSError, TypeError):
+            pass
+        return replaced()
+
+    wait_until("a respawn after the pipe is read", 30, drain_and_check)
+    after = (time.monotonic() - t1) * 1000
+    os.kill(p.pid, signal.SIGTERM)
+    t2 = time.monotonic()
+    while p.poll() is None and time.monotonic() - t2 < 15:
+        drain_and_check()
+        time.sleep(0.02)
+    if p.poll() is None:
+        stop_pid(p.pid, signal.SIGKILL, 5, popen=p)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {"frozen": frozen, "after_ms": after}
 
 
 def section_spawn_floor(rep, a):
@@ -1060,8 +1121,9 @@ def section_peers(rep, a):
     rep.emit(f"Master = clusterctl's supervisor, gunicorn's arbiter, PM2's God daemon. Idle "
              f"figures over {a.idle:.0f} s; then wrk -t2 -c50 -d{a.peer_duration}s with "
              f"{a.peer_reloads} reloads spread over the run. *reload ms*: until the old "
-             "workers are gone (clusterctl: `reload --wait` + no `draining` left; gunicorn: "
-             "both children replaced; PM2: `pm2 reload` returns).\n")
+             "workers are gone (clusterctl: last `exited` of the old generation in its log; "
+             "gunicorn: both children replaced by new pids; PM2: `pm2 reload` returned, which "
+             "is after its last old instance stopped).\n")
     rep.emit(table(["setup", "master RSS MiB", "master idle wakeups/s", "master threads",
                     "req/s (during reloads)", "master CPU s under load",
                     "reloads ok", "failed requests", "p99 ms", "max ms", "reload ms (median)"],

@@ -31,9 +31,11 @@ trap cleanup EXIT
     --control "$TMP/control.sock" -- "$BIN/examples/worker" 2>"$TMP/supervisor.log" &
 SUP=$!
 for _ in $(seq 100); do
-    curl -s -o /dev/null "127.0.0.1:$PORT/health" && break
+    # bash's /dev/tcp: connected means the supervisor is listening.
+    (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
     sleep 0.1
 done
+sleep 0.2 # the workers' READY=1
 timeout $((DURATION + 30)) wrk -t1 -c2 -d"${DURATION}s" -H "Connection: close" \
     "http://127.0.0.1:$PORT/sleep/1" >"$TMP/wrk.txt" 2>&1 &
 WRK=$!
