@@ -33,7 +33,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
-CLUSTERCTL = os.path.join(ROOT, "target/release/clusterctl")
+# The supervisor as installed (bench/run.sh sets it to the scripts/build-dist.sh binary).
+CLUSTERCTL = os.environ.get("CLUSTERCTL") or os.path.join(ROOT, "target/release/clusterctl")
 WORKER = os.path.join(ROOT, "target/release/examples/worker")
 STATS_LUA = os.path.join(BENCH, "stats.lua")
 OUT = os.path.join(ROOT, "target/bench")

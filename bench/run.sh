@@ -26,8 +26,10 @@ if ! command -v pm2 >/dev/null; then
     $SUDO npm install -g --no-fund --no-audit pm2@7 >&2
 fi
 
-echo "bench: cargo build --release --bin clusterctl --example worker" >&2
+echo "bench: cargo build --release --example worker; scripts/build-dist.sh (the supervisor as installed)" >&2
 cargo build --release --quiet --bin clusterctl --example worker
+CLUSTERCTL="$(bash scripts/build-dist.sh)"
+export CLUSTERCTL
 
 # The fork/exec floor of section 4 (optional: skipped without a C compiler).
 mkdir -p target/bench

@@ -122,40 +122,68 @@ impl ControlSocket {
         &self.path
     }
 
-    /// Accepts a pending client and reads its request line (bounded in size and time).
-    pub fn accept(&self) -> Option<(UnixStream, Result<Request, String>)> {
-        let (mut stream, _) = self.listener.accept().ok()?;
-        // Our own CLI sends its line right after connecting; a silent client costs the
-        // event loop at most this long.
-        let _ = stream.set_nonblocking(false);
-        let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
-        // One deadline for the whole request, however the client trickles it in.
-        let deadline = Instant::now() + Duration::from_millis(500);
-        let mut buf = Vec::with_capacity(64);
-        let mut byte = [0u8; 64];
-        let request = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break Err("no complete request within 500ms".to_string());
-            }
-            let _ = stream.set_read_timeout(Some(left));
-            match stream.read(&mut byte) {
-                Ok(0) => break Err("connection closed before a request".to_string()),
+    /// Accepts a pending client, if any. Its request is read as it arrives, from the
+    /// event loop (`Client::read_request`): a slow or silent client never blocks it.
+    pub fn accept(&self) -> Option<Client> {
+        let (stream, _) = self.listener.accept().ok()?;
+        stream.set_nonblocking(true).ok()?;
+        Some(Client {
+            stream,
+            buf: Vec::with_capacity(64),
+            deadline: Instant::now() + REQUEST_TIMEOUT,
+        })
+    }
+}
+
+/// How long a client may take to send its request line.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A connected control client whose request line is still arriving.
+#[derive(Debug)]
+pub struct Client {
+    stream: UnixStream,
+    buf: Vec<u8>,
+    /// Dropped (with an error answer) if the request is not complete by then.
+    pub deadline: Instant,
+}
+
+impl Client {
+    /// Reads what has arrived without blocking. `Some` once the request is complete (or
+    /// broken); `None` while more is to come.
+    pub fn read_request(&mut self) -> Option<Result<Request, String>> {
+        let mut chunk = [0u8; 256];
+        loop {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Some(Err("connection closed before a request".into())),
                 Ok(n) => {
-                    buf.extend_from_slice(&byte[..n]);
-                    if let Some(end) = buf.iter().position(|&b| b == b'\n') {
-                        break std::str::from_utf8(&buf[..end])
-                            .map_err(|_| "request is not UTF-8".to_string())
-                            .and_then(str::parse);
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    if let Some(end) = self.buf.iter().position(|&b| b == b'\n') {
+                        return Some(
+                            std::str::from_utf8(&self.buf[..end])
+                                .map_err(|_| "request is not UTF-8".to_string())
+                                .and_then(str::parse),
+                        );
                     }
-                    if buf.len() > MAX_REQUEST {
-                        break Err("request too long".into());
+                    if self.buf.len() > MAX_REQUEST {
+                        return Some(Err("request too long".into()));
                     }
                 }
-                Err(e) => break Err(format!("cannot read request: {e}")),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return None,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Some(Err(format!("cannot read request: {e}"))),
             }
-        };
-        Some((stream, request))
+        }
+    }
+
+    /// The connection, for the answer.
+    pub fn into_stream(self) -> UnixStream {
+        self.stream
+    }
+}
+
+impl AsFd for Client {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.stream.as_fd()
     }
 }
 
@@ -171,8 +199,11 @@ impl Drop for ControlSocket {
     }
 }
 
-/// Writes a final answer and closes the connection.
+/// Writes a final answer and closes the connection. The write blocks for at most 2 s (a
+/// client that does not read its answer).
 pub fn answer(mut stream: UnixStream, result: std::result::Result<String, String>) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
     let text = match result {
         Ok(t) => format!("ok {t}\n"),
         Err(e) => format!("error {e}\n"),

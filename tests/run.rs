@@ -937,3 +937,47 @@ fn reload_with_ready_exec_sends_reloading_before_ready() {
         "{got:?}"
     );
 }
+
+/// A control client that trickles its request (or says nothing) must not stall the event
+/// loop: other clients are answered and workers are refilled meanwhile.
+#[test]
+fn slow_control_client_does_not_stall_the_supervisor() {
+    use std::io::{Read, Write};
+    let dir = TempDir::new("slow-client");
+    let sup = Run::new(&dir)
+        .args(&[
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--workers",
+            "1",
+            "--restart-delay",
+            "0",
+        ])
+        .spawn();
+    let first = sup.wait_workers(1, 1);
+    let mut slow = std::os::unix::net::UnixStream::connect(&sup.control).unwrap();
+    slow.write_all(b"sta").unwrap();
+    // While the slow client is connected: a worker crash is refilled and status answers.
+    let victim: i32 = first[0]["pid"].parse().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim), Signal::SIGKILL).unwrap();
+    wait_for("the worker refilled", SECS(20), || {
+        let w = sup.wait_workers(1, 1);
+        (w[0]["pid"] != first[0]["pid"]).then_some(())
+    });
+    let (code, out, _) = sup.ctl(&["status", "--json"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("\"restarts\":1"), "{out}");
+    // The slow client is still connected (not yet answered) ...
+    slow.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 64];
+    assert!(
+        matches!(slow.read(&mut buf), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the slow client was not answered yet"
+    );
+    // ... and when its line is complete it gets its answer too.
+    slow.set_nonblocking(false).unwrap();
+    slow.write_all(b"tus\n").unwrap();
+    let mut answer = String::new();
+    slow.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("ok"), "{answer}");
+}

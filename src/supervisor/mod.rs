@@ -222,6 +222,8 @@ struct Executor {
     complaints: u32,
     upstream_failed: bool,
     control: Option<ControlSocket>,
+    /// Control clients whose request line has not fully arrived.
+    clients: Vec<crate::control::Client>,
     /// Clients waiting for a reload's outcome (`reload --wait`), by ticket.
     waiting: Vec<(event::Ticket, std::os::unix::net::UnixStream)>,
     next_ticket: event::Ticket,
@@ -315,6 +317,7 @@ impl Executor {
             complaints: 0,
             upstream_failed: false,
             control,
+            clients: Vec::new(),
             waiting: Vec::new(),
             next_ticket: 1,
             rolling,
@@ -353,6 +356,7 @@ impl Executor {
             self.next_ping,
             self.next_extend,
             self.next_sample,
+            self.clients.iter().map(|c| c.deadline).min(),
         ]
         .into_iter()
         .flatten()
@@ -378,6 +382,10 @@ impl Executor {
             if let Some(c) = &self.control {
                 fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
             }
+            // Control clients whose request is still arriving: served in serve_control.
+            for c in &self.clients {
+                fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
+            }
             // Holding the sockets without workers: a connection makes a listener readable.
             if idle {
                 for i in 0..self.listeners.len() {
@@ -389,7 +397,7 @@ impl Executor {
                 Err(e) => return Err(e).context(|| "poll failed".into()),
             }
             let r = |f: Option<&PollFd>| f.and_then(PollFd::revents).is_some_and(|r| !r.is_empty());
-            let first_listener = if control { 3 } else { 2 };
+            let first_listener = if control { 3 } else { 2 } + self.clients.len();
             if idle && fds[first_listener..].iter().any(|f| r(Some(f))) {
                 events.push(Event::Traffic { busy: true });
             }
@@ -401,8 +409,8 @@ impl Executor {
         if notify_ready {
             self.read_notify(&mut events);
         }
-        if control_ready {
-            self.read_control(&mut events);
+        if control_ready || !self.clients.is_empty() {
+            self.serve_control(control_ready, &mut events);
         }
         events.push(Event::Tick);
         Ok(events)
@@ -468,15 +476,44 @@ impl Executor {
         crate::status::report(&self.state, sockets, self.started, Instant::now())
     }
 
-    fn read_control(&mut self, events: &mut Vec<Event>) {
-        let Some(control) = &self.control else { return };
-        let Some((stream, request)) = control.accept() else {
-            return;
-        };
-        let request = match request {
-            Ok(r) => r,
-            Err(e) => return crate::control::answer(stream, Err(e)),
-        };
+    /// Accepts new control clients and serves those whose request line is complete;
+    /// clients past their deadline get an error answer. Never blocks on a client.
+    fn serve_control(&mut self, accept: bool, events: &mut Vec<Event>) {
+        if accept && let Some(control) = &self.control {
+            while let Some(c) = control.accept() {
+                self.clients.push(c);
+            }
+        }
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.clients.len() {
+            let done = match self.clients[i].read_request() {
+                Some(r) => Some(r),
+                None if self.clients[i].deadline <= now => Some(Err(format!(
+                    "no complete request within {:?}",
+                    crate::control::REQUEST_TIMEOUT
+                ))),
+                None => None,
+            };
+            match done {
+                Some(r) => {
+                    let stream = self.clients.swap_remove(i).into_stream();
+                    match r {
+                        Ok(request) => self.handle_request(stream, request, events),
+                        Err(e) => crate::control::answer(stream, Err(e)),
+                    }
+                }
+                None => i += 1,
+            }
+        }
+    }
+
+    fn handle_request(
+        &mut self,
+        stream: std::os::unix::net::UnixStream,
+        request: Request,
+        events: &mut Vec<Event>,
+    ) {
         match request {
             Request::Status { json } => {
                 let report = self.report();
