@@ -19,7 +19,7 @@ use crate::error::{Context, Error, Result, exit};
 const MAX_REQUEST: usize = 256;
 
 /// A parsed control request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Request {
     Reload { rolling: bool, wait: bool },
     Status { json: bool },
