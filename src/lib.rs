@@ -44,19 +44,19 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> u8 {
         Command::GenUnits(args) => units::gen_units(&args),
         Command::Reload(a) => ctl(
             &a.target,
-            &control::Request::Reload {
+            control::Request::Reload {
                 rolling: false,
                 wait: a.wait,
             },
         ),
         Command::Restart(a) => ctl(
             &a.target,
-            &control::Request::Reload {
+            control::Request::Reload {
                 rolling: a.rolling,
                 wait: a.wait,
             },
         ),
-        Command::Status(a) => ctl(&a.target, &control::Request::Status { json: a.json }),
+        Command::Status(a) => ctl(&a.target, control::Request::Status { json: a.json }),
         Command::Logs(a) => logs(&a),
         Command::Man => {
             let mut out = Vec::new();
@@ -79,7 +79,7 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> u8 {
             write_stdout(&out)
         }
         Command::Scale(a) => match a.split() {
-            Ok((target, n)) => ctl(&target, &control::Request::Scale(n.resolve())),
+            Ok((target, n)) => ctl(&target, control::Request::Scale(n.resolve())),
             Err(e) => Err(error::Error::config(e)),
         },
     };
@@ -118,12 +118,12 @@ fn logs(a: &cli::LogsArgs) -> error::Result<()> {
 }
 
 /// Sends one request to a running supervisor and prints its answer.
-fn ctl(target: &cli::Target, request: &control::Request) -> error::Result<()> {
+fn ctl(target: &cli::Target, request: control::Request) -> error::Result<()> {
     let path = control::locate(target.app.as_deref(), target.control.as_deref())?;
     let waits = matches!(request, control::Request::Reload { wait: true, .. });
     // Reloads may take as long as the workers' ready timeout; anything else is instant.
     let timeout = (!waits).then(|| std::time::Duration::from_secs(10));
-    let answer = control::call(&path, request, timeout)?;
+    let answer = control::call(&path, &request, timeout)?;
     let answer = answer.trim_end();
     if !answer.is_empty() {
         println!("{answer}");
