@@ -15,7 +15,7 @@ fn workers_share_one_socket_and_get_a_clean_environment() {
     let dir = TempDir::new("share");
     let port = free_port();
     let sup = Run::new(&dir)
-        .args(&["--listen", &format!("127.0.0.1:{port}"), "--workers", "3"])
+        .workers_on(port, 3)
         // Leaks that must not reach workers: systemd's variables meant for the supervisor.
         .env("WATCHDOG_USEC", "1000000000")
         .env("WATCHDOG_PID", "1")
@@ -93,12 +93,7 @@ fn ready_goes_upstream_once_all_workers_are_ready_from_the_supervisor_pid() {
     let systemd = FakeSystemd::new(&dir);
     std::fs::write(dir.join("mode.2"), "ready-after:700").unwrap();
     let sup = Run::new(&dir)
-        .args(&[
-            "--listen",
-            &format!("127.0.0.1:{}", free_port()),
-            "--workers",
-            "3",
-        ])
+        .workers_on_free_port(3)
         .env("NOTIFY_SOCKET", &systemd.path.display().to_string())
         .spawn();
     let got = systemd.until("READY=1", SECS(20));
@@ -130,14 +125,8 @@ fn ready_goes_upstream_once_all_workers_are_ready_from_the_supervisor_pid() {
 fn killed_worker_is_replaced_in_its_slot_with_growing_backoff() {
     let dir = TempDir::new("crash");
     let sup = Run::new(&dir)
-        .args(&[
-            "--listen",
-            &format!("127.0.0.1:{}", free_port()),
-            "--workers",
-            "2",
-            "--restart-delay",
-            "200ms..5s",
-        ])
+        .workers_on_free_port(2)
+        .args(&["--restart-delay", "200ms..5s"])
         .spawn();
     let before = sup.wait_workers(2, 1);
     sup.wait_log("all 2 workers ready");
@@ -182,14 +171,7 @@ fn killed_worker_is_replaced_in_its_slot_with_growing_backoff() {
 fn sigterm_stops_everything_and_leaves_no_process_behind() {
     let dir = TempDir::new("term");
     std::fs::write(dir.join("mode"), "fork-child").unwrap();
-    let mut sup = Run::new(&dir)
-        .args(&[
-            "--listen",
-            &format!("127.0.0.1:{}", free_port()),
-            "--workers",
-            "2",
-        ])
-        .spawn();
+    let mut sup = Run::new(&dir).workers_on_free_port(2).spawn();
     let reports = sup.wait_workers(2, 1);
     let mut pids: Vec<i32> = reports.iter().map(|r| r["pid"].parse().unwrap()).collect();
     pids.extend(
@@ -212,14 +194,8 @@ fn worker_ignoring_the_stop_signal_is_killed_after_stop_timeout() {
     let dir = TempDir::new("stubborn");
     std::fs::write(dir.join("mode"), "ignore-term").unwrap();
     let mut sup = Run::new(&dir)
-        .args(&[
-            "--listen",
-            &format!("127.0.0.1:{}", free_port()),
-            "--workers",
-            "1",
-            "--stop-timeout",
-            "500ms",
-        ])
+        .workers_on_free_port(1)
+        .args(&["--stop-timeout", "500ms"])
         .spawn();
     let pid: i32 = sup.wait_workers(1, 1)[0]["pid"].parse().unwrap();
     // Ready means the probe has set up its signal handling (it ignores SIGTERM from then).
@@ -238,14 +214,7 @@ fn worker_ignoring_the_stop_signal_is_killed_after_stop_timeout() {
 fn second_sigint_kills_at_once() {
     let dir = TempDir::new("twice");
     std::fs::write(dir.join("mode"), "ignore-term").unwrap();
-    let mut sup = Run::new(&dir)
-        .args(&[
-            "--listen",
-            &format!("127.0.0.1:{}", free_port()),
-            "--workers",
-            "2",
-        ])
-        .spawn();
+    let mut sup = Run::new(&dir).workers_on_free_port(2).spawn();
     sup.wait_workers(2, 1);
     sup.wait_log("all 2 workers ready");
     sup.signal(Signal::SIGINT);
@@ -258,14 +227,7 @@ fn second_sigint_kills_at_once() {
 #[test]
 fn sigkilled_supervisor_leaves_no_orphan() {
     let dir = TempDir::new("orphan");
-    let mut sup = Run::new(&dir)
-        .args(&[
-            "--listen",
-            &format!("127.0.0.1:{}", free_port()),
-            "--workers",
-            "3",
-        ])
-        .spawn();
+    let mut sup = Run::new(&dir).workers_on_free_port(3).spawn();
     let pids: Vec<i32> = sup
         .wait_workers(3, 1)
         .iter()
@@ -283,14 +245,8 @@ fn first_generation_that_never_gets_ready_fails_with_the_reason() {
     let dir = TempDir::new("boot-crash");
     std::fs::write(dir.join("mode"), "crash").unwrap();
     let mut sup = Run::new(&dir)
-        .args(&[
-            "--listen",
-            &format!("127.0.0.1:{}", free_port()),
-            "--workers",
-            "2",
-            "--restart-delay",
-            "10ms..50ms",
-        ])
+        .workers_on_free_port(2)
+        .args(&["--restart-delay", "10ms..50ms"])
         .spawn();
     assert_eq!(exit_code(sup.wait_exit()), 1, "{}", sup.log());
     let log = sup.log();
@@ -305,16 +261,8 @@ fn worker_not_ready_in_time_is_killed_and_retried() {
     let dir = TempDir::new("slow");
     std::fs::write(dir.join("mode"), "never-ready").unwrap();
     let mut sup = Run::new(&dir)
-        .args(&[
-            "--listen",
-            &format!("127.0.0.1:{}", free_port()),
-            "--workers",
-            "1",
-            "--ready-timeout",
-            "300ms",
-            "--restart-delay",
-            "10ms",
-        ])
+        .workers_on_free_port(1)
+        .args(&["--ready-timeout", "300ms", "--restart-delay", "10ms"])
         .spawn();
     assert_eq!(exit_code(sup.wait_exit()), 1);
     assert!(
@@ -331,12 +279,7 @@ fn readiness_from_a_child_process_counts_for_the_worker() {
     std::fs::write(dir.join("mode"), "notify-child").unwrap();
     let systemd = FakeSystemd::new(&dir);
     let _sup = Run::new(&dir)
-        .args(&[
-            "--listen",
-            &format!("127.0.0.1:{}", free_port()),
-            "--workers",
-            "2",
-        ])
+        .workers_on_free_port(2)
         .env("NOTIFY_SOCKET", &systemd.path.display().to_string())
         .spawn();
     systemd.until("READY=1", SECS(20));
@@ -347,14 +290,7 @@ fn garbage_and_strangers_on_the_notify_socket_are_ignored() {
     let dir = TempDir::new("garbage");
     std::fs::write(dir.join("mode.0"), "notify-garbage").unwrap();
     std::fs::write(dir.join("mode.1"), "never-ready").unwrap();
-    let sup = Run::new(&dir)
-        .args(&[
-            "--listen",
-            &format!("127.0.0.1:{}", free_port()),
-            "--workers",
-            "2",
-        ])
-        .spawn();
+    let sup = Run::new(&dir).workers_on_free_port(2).spawn();
     let r = sup.wait_workers(2, 1);
     wait_for("worker 0 ready despite garbage", SECS(20), || {
         let (_, out, _) = sup.ctl(&["status", "--json"]);
@@ -508,7 +444,7 @@ fn reload_starts_a_new_generation_and_rollback_keeps_the_old_one() {
     let port = free_port();
     let systemd = FakeSystemd::new(&dir);
     let sup = Run::new(&dir)
-        .args(&["--listen", &format!("127.0.0.1:{port}"), "--workers", "2"])
+        .workers_on(port, 2)
         .env("NOTIFY_SOCKET", &systemd.path.display().to_string())
         .spawn();
     let gen1 = sup.wait_workers(2, 1);
@@ -561,14 +497,8 @@ fn status_scale_and_signals_for_operators() {
     let dir = TempDir::new("ops");
     let pidfile = dir.join("sup.pid");
     let mut sup = Run::new(&dir)
-        .args(&[
-            "--listen",
-            &format!("127.0.0.1:{}", free_port()),
-            "--workers",
-            "2",
-            "--pidfile",
-            pidfile.to_str().unwrap(),
-        ])
+        .workers_on_free_port(2)
+        .args(&["--pidfile", pidfile.to_str().unwrap()])
         .spawn();
     sup.wait_workers(2, 1);
     assert_eq!(
@@ -634,14 +564,8 @@ fn pidfile_of_a_running_process_is_refused_and_a_stale_one_replaced() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("which is running"));
     std::fs::write(&pidfile, "999999999\n").unwrap();
     let sup = Run::new(&dir)
-        .args(&[
-            "--listen",
-            &format!("127.0.0.1:{}", free_port()),
-            "--workers",
-            "1",
-            "--pidfile",
-            pidfile.to_str().unwrap(),
-        ])
+        .workers_on_free_port(1)
+        .args(&["--pidfile", pidfile.to_str().unwrap()])
         .spawn();
     sup.wait_workers(1, 1);
     assert_eq!(
@@ -674,16 +598,8 @@ fn worker_that_stops_pinging_its_watchdog_is_replaced() {
     let dir = TempDir::new("wd");
     std::fs::write(dir.join("mode.1"), "no-watchdog").unwrap();
     let sup = Run::new(&dir)
-        .args(&[
-            "--listen",
-            &format!("127.0.0.1:{}", free_port()),
-            "--workers",
-            "2",
-            "--worker-watchdog",
-            "400ms",
-            "--stop-timeout",
-            "1s",
-        ])
+        .workers_on_free_port(2)
+        .args(&["--worker-watchdog", "400ms", "--stop-timeout", "1s"])
         .spawn();
     let first = sup.wait_workers(2, 1);
     assert_eq!(first[0]["watchdog_usec"], "400000");
@@ -733,13 +649,7 @@ fn reloads_under_load_fail_no_request() {
             let (_, status, _) = sup.ctl(&["status", "--json"]);
             (!status.contains("\"draining\"")).then_some(())
         });
-        load.reset_generations();
-        load.wait_progress(20);
-        assert_eq!(
-            load.generations(),
-            [generation.to_string()],
-            "only the new generation answers"
-        );
+        load.expect_only_generation(generation);
     }
     let s = load.finish();
     assert_eq!(s.failed, 0, "{s:?}");
@@ -758,11 +668,8 @@ fn gunicorn_as_the_worker_reloads_with_zero_failures() {
     let app_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/workers");
     let app_dir = app_dir.display().to_string();
     let sup = Run::new(&dir)
+        .workers_on(port, 2)
         .args(&[
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--workers",
-            "2",
             "--",
             "/usr/bin/gunicorn",
             "--workers",
@@ -789,9 +696,7 @@ fn gunicorn_as_the_worker_reloads_with_zero_failures() {
             let (_, status, _) = sup.ctl(&["status", "--json"]);
             (!status.contains("\"draining\"")).then_some(())
         });
-        load.reset_generations();
-        load.wait_progress(20);
-        assert_eq!(load.generations(), [generation.to_string()]);
+        load.expect_only_generation(generation);
     }
     let s = load.finish();
     assert_eq!(s.failed, 0, "{s:?}\n{}", sup.log());
@@ -843,12 +748,7 @@ fn slow_reload_extends_systemds_timeout() {
     let dir = TempDir::new("extend");
     let systemd = FakeSystemd::new(&dir);
     let sup = Run::new(&dir)
-        .args(&[
-            "--listen",
-            &format!("127.0.0.1:{}", free_port()),
-            "--workers",
-            "1",
-        ])
+        .workers_on_free_port(1)
         .env("NOTIFY_SOCKET", &systemd.path.display().to_string())
         .spawn();
     sup.wait_workers(1, 1);
@@ -869,15 +769,8 @@ fn lazy_supervisor_holds_the_socket_starts_on_demand_and_goes_idle_again() {
     let dir = TempDir::new("lazy");
     let port = free_port();
     let mut sup = Run::new(&dir)
-        .args(&[
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--workers",
-            "2",
-            "--lazy",
-            "--exit-idle-after",
-            "1s",
-        ])
+        .workers_on(port, 2)
+        .args(&["--lazy", "--exit-idle-after", "1s"])
         .spawn();
     sup.wait_log("holding the sockets");
     let (_, status, _) = sup.ctl(&["status", "--json"]);
@@ -915,14 +808,8 @@ fn reload_with_ready_exec_sends_reloading_before_ready() {
     let dir = TempDir::new("exec-reload");
     let systemd = FakeSystemd::new(&dir);
     let sup = Run::new(&dir)
-        .args(&[
-            "--listen",
-            &format!("127.0.0.1:{}", free_port()),
-            "--workers",
-            "2",
-            "--ready",
-            "exec",
-        ])
+        .workers_on_free_port(2)
+        .args(&["--ready", "exec"])
         .env("NOTIFY_SOCKET", &systemd.path.display().to_string())
         .spawn();
     systemd.until("READY=1", SECS(20));
@@ -945,14 +832,8 @@ fn slow_control_client_does_not_stall_the_supervisor() {
     use std::io::{Read, Write};
     let dir = TempDir::new("slow-client");
     let sup = Run::new(&dir)
-        .args(&[
-            "--listen",
-            &format!("127.0.0.1:{}", free_port()),
-            "--workers",
-            "1",
-            "--restart-delay",
-            "0",
-        ])
+        .workers_on_free_port(1)
+        .args(&["--restart-delay", "0"])
         .spawn();
     let first = sup.wait_workers(1, 1);
     let mut slow = std::os::unix::net::UnixStream::connect(&sup.control).unwrap();

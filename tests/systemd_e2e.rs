@@ -248,13 +248,7 @@ fn reloads_under_load_rollback_and_rolling_restart_fail_no_request() {
             String::from_utf8_lossy(&out.stderr)
         );
         wait_no_draining(&sd, "zapp");
-        load.reset_generations();
-        load.wait_progress(20);
-        assert_eq!(
-            load.generations(),
-            [generation.to_string()],
-            "only the new generation answers"
-        );
+        load.expect_only_generation(generation);
     }
     // A broken deploy: the reload fails, the old generation answers throughout.
     sd.write_file(
@@ -282,9 +276,7 @@ fn reloads_under_load_rollback_and_rolling_restart_fail_no_request() {
     let bin = clusterctl().display().to_string();
     inside(&sd, &[&bin, "restart", "--rolling", "--wait", "zapp"]);
     wait_no_draining(&sd, "zapp");
-    load.reset_generations();
-    load.wait_progress(20);
-    assert_eq!(load.generations(), ["13"]);
+    load.expect_only_generation(13);
     let s = load.finish();
     assert_eq!(s.failed, 0, "{s:?}");
     assert!(s.ok > 1000, "{s:?}");

@@ -135,6 +135,21 @@ impl Run {
         self
     }
 
+    /// `--listen 127.0.0.1:PORT --workers N`.
+    pub fn workers_on(self, port: u16, workers: u32) -> Run {
+        self.args(&[
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--workers",
+            &workers.to_string(),
+        ])
+    }
+
+    /// `--listen 127.0.0.1:<a free port> --workers N`.
+    pub fn workers_on_free_port(self, workers: u32) -> Run {
+        self.workers_on(free_port(), workers)
+    }
+
     pub fn env(mut self, k: &str, v: &str) -> Run {
         self.env.push((k.into(), v.into()));
         self

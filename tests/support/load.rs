@@ -209,6 +209,17 @@ impl Load {
         });
     }
 
+    /// Asserts that from now on only `generation` answers (after 20 more requests).
+    pub fn expect_only_generation(&self, generation: u32) {
+        self.reset_generations();
+        self.wait_progress(20);
+        assert_eq!(
+            self.generations(),
+            [generation.to_string()],
+            "only generation {generation} answers"
+        );
+    }
+
     /// Clears the set of generations seen so far.
     pub fn reset_generations(&self) {
         self.generations.lock().unwrap().clear();
