@@ -138,6 +138,14 @@ mount --rbind /dev "$root/dev"
 mount -t tmpfs -o mode=1777 tmpfs "$root/dev/shm"
 mount -t tmpfs -o mode=0755 tmpfs "$root/run"
 mount -t tmpfs -o mode=1777 tmpfs "$root/tmp"
+# The checkout and its build output, visible read-only at the same paths even where the
+# overlay does not show them (a clone under /tmp or /run, or on another mount).
+while IFS= read -r path; do
+    [ -d "$path" ] || continue
+    mkdir -p "$root$path"
+    mount --rbind "$path" "$root$path"
+    mount -o remount,bind,ro "$root$path"
+done < "$dir/binds"
 
 # Start only what tests need: no host services, nothing touching global state.
 etc=$root/etc/systemd/system
@@ -631,6 +639,14 @@ fn preflight() -> Result<(), String> {
 fn prepare_host_state(id: &str, dir: &Path) -> io::Result<Vec<OsString>> {
     fs::create_dir(dir)?;
     fs::write(dir.join("boot.sh"), BOOT_SCRIPT)?;
+    // Paths the instance must see as on the host: the checkout and the build output
+    // (tests run its binaries and scripts inside).
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_clusterctl"))
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(Path::new("/"));
+    let binds = format!("{}\n{}\n", env!("CARGO_MANIFEST_DIR"), bin_dir.display());
+    fs::write(dir.join("binds"), binds)?;
     let mut procs = Vec::new();
     for mount in systemd_cgroup_mounts() {
         let cgroup = mount.join(CGROUP_PARENT).join(id);
