@@ -12,21 +12,21 @@ use crate::support::systemd::Systemd;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
-fn repo(path: &str) -> String {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join(path)
-        .display()
-        .to_string()
+fn repo(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
-fn pyworker() -> Vec<String> {
-    vec!["/usr/bin/python3".into(), repo("tests/workers/pyworker.py")]
+fn pyworker(sd: &Systemd) -> Vec<String> {
+    vec![
+        "/usr/bin/python3".into(),
+        Systemd::path(&repo("tests/workers/pyworker.py")),
+    ]
 }
 
 /// `clusterctl gen-units APP -o /etc/systemd/system --listen 127.0.0.1:PORT EXTRA -- CMD`
 /// inside the booted systemd, then daemon-reload and start APP.socket.
 fn install(sd: &Systemd, app: &str, port: u16, extra: &[&str], cmd: &[String]) {
-    let bin = clusterctl().display().to_string();
+    let bin = Systemd::path(&clusterctl());
     let listen = format!("127.0.0.1:{port}");
     let mut argv: Vec<&str> = vec![
         &bin,
@@ -64,7 +64,7 @@ fn inside(sd: &Systemd, argv: &[&str]) -> String {
 }
 
 fn status_json(sd: &Systemd, app: &str) -> String {
-    let bin = clusterctl().display().to_string();
+    let bin = Systemd::path(&clusterctl());
     inside(sd, &[&bin, "status", "--json", app])
 }
 
@@ -105,7 +105,7 @@ fn socket_activation_status_journal_and_exact_arguments() {
         "",
         "'single'",
     ];
-    let mut cmd = pyworker();
+    let mut cmd = pyworker(&sd);
     cmd.extend(args.iter().map(|a| (*a).to_string()));
     install(&sd, "pyapp", port, &["--workers", "3"], &cmd);
     // The first connection activates the service.
@@ -133,7 +133,7 @@ fn socket_activation_status_journal_and_exact_arguments() {
     let own = sd.journal(&["-u", "pyapp", "-t", "pyapp/1", "-o", "cat"]);
     assert!(own.contains("pyworker 1 pid"), "{own}");
     assert!(!own.contains("pyworker 2 pid"), "{own}");
-    let bin = clusterctl().display().to_string();
+    let bin = Systemd::path(&clusterctl());
     let logs = inside(&sd, &[&bin, "logs", "pyapp", "--worker", "1"]);
     assert!(
         logs.contains("worker 1 ready") && logs.contains("pyworker 1 pid"),
@@ -151,7 +151,7 @@ fn socket_activation_status_journal_and_exact_arguments() {
 fn stop_restart_and_restart_on_failure() {
     let Some(sd) = Systemd::boot() else { return };
     let port = free_port();
-    let worker = vec![example("worker").display().to_string()];
+    let worker = vec![Systemd::path(&example("worker"))];
     install(
         &sd,
         "rapp",
@@ -224,7 +224,7 @@ fn reloads_under_load_rollback_and_rolling_restart_fail_no_request() {
     let Some(sd) = Systemd::boot() else { return };
     let port = free_port();
     // The deploy is a script the test rewrites, as a real deploy replaces the app.
-    let worker = example("worker").display().to_string();
+    let worker = Systemd::path(&example("worker"));
     sd.write_file(
         "/usr/local/bin/app",
         format!("#!/bin/sh\nexec {worker}\n").as_bytes(),
@@ -273,7 +273,7 @@ fn reloads_under_load_rollback_and_rolling_restart_fail_no_request() {
         "/usr/local/bin/app",
         format!("#!/bin/sh\nexec {worker}\n").as_bytes(),
     );
-    let bin = clusterctl().display().to_string();
+    let bin = Systemd::path(&clusterctl());
     inside(&sd, &[&bin, "restart", "--rolling", "--wait", "zapp"]);
     wait_no_draining(&sd, "zapp");
     load.expect_only_generation(13);
@@ -290,7 +290,7 @@ fn reloads_under_load_rollback_and_rolling_restart_fail_no_request() {
 fn watchdog_restarts_a_hung_supervisor_and_queued_connections_are_served() {
     let Some(sd) = Systemd::boot() else { return };
     let port = free_port();
-    let worker = vec![example("worker").display().to_string()];
+    let worker = vec![Systemd::path(&example("worker"))];
     install(
         &sd,
         "wapp",
@@ -326,7 +326,7 @@ fn watchdog_restarts_a_hung_supervisor_and_queued_connections_are_served() {
 fn idle_service_exits_cleanly_and_the_next_request_starts_it() {
     let Some(sd) = Systemd::boot() else { return };
     let port = free_port();
-    let worker = vec![example("worker").display().to_string()];
+    let worker = vec![Systemd::path(&example("worker"))];
     install(
         &sd,
         "iapp",

@@ -138,13 +138,14 @@ mount --rbind /dev "$root/dev"
 mount -t tmpfs -o mode=1777 tmpfs "$root/dev/shm"
 mount -t tmpfs -o mode=0755 tmpfs "$root/run"
 mount -t tmpfs -o mode=1777 tmpfs "$root/tmp"
-# The checkout and its build output, visible read-only at the same paths even where the
-# overlay does not show them (a clone under /tmp or /run, or on another mount).
+# The checkout and its build output, read-only under /opt/clusterctl-harness (see
+# Systemd::path): visible to services whatever PrivateTmp=/ProtectHome= hide, wherever
+# the clone lives (/tmp, /root, another mount).
 while IFS= read -r path; do
     [ -d "$path" ] || continue
-    mkdir -p "$root$path"
-    mount --rbind "$path" "$root$path"
-    mount -o remount,bind,ro "$root$path"
+    mkdir -p "$root/opt/clusterctl-harness$path"
+    mount --rbind "$path" "$root/opt/clusterctl-harness$path"
+    mount -o remount,bind,ro "$root/opt/clusterctl-harness$path"
 done < "$dir/binds"
 
 # Start only what tests need: no host services, nothing touching global state.
@@ -222,6 +223,13 @@ impl Systemd {
     }
 
     /// Host pid of the instance's PID 1 (systemd).
+    /// Where a file of the checkout or its build output (a host path) is seen inside the
+    /// instance: under `/opt/clusterctl-harness`, so that hardened units (PrivateTmp=,
+    /// ProtectHome=) can run it wherever the clone lives.
+    pub fn path(host: &Path) -> String {
+        format!("/opt/clusterctl-harness{}", host.display())
+    }
+
     pub fn pid1(&self) -> u32 {
         self.pid1
     }
