@@ -16,7 +16,7 @@ fn repo(path: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
-fn pyworker(sd: &Systemd) -> Vec<String> {
+fn pyworker() -> Vec<String> {
     vec![
         "/usr/bin/python3".into(),
         Systemd::path(&repo("tests/workers/pyworker.py")),
@@ -105,7 +105,7 @@ fn socket_activation_status_journal_and_exact_arguments() {
         "",
         "'single'",
     ];
-    let mut cmd = pyworker(&sd);
+    let mut cmd = pyworker();
     cmd.extend(args.iter().map(|a| (*a).to_string()));
     install(&sd, "pyapp", port, &["--workers", "3"], &cmd);
     // The first connection activates the service.
