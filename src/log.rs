@@ -54,13 +54,61 @@ pub fn init(target: LogTarget) -> Option<String> {
         }
     }
     let sub = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(|| LossyStderr(nonblocking_stderr()))
         .with_target(false)
         .with_ansi(false)
         .with_max_level(Level::INFO)
         .finish();
     let _ = tracing::subscriber::set_global_default(sub);
     warning
+}
+
+/// Log lines dropped because stderr was full (a reader that stopped reading).
+pub static DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The supervisor's own handle on stderr. When stderr is a pipe or a terminal, it is a
+/// second, non-blocking open file description of it (through `/proc/self/fd/2`), so a
+/// log reader that stops reading can never freeze the event loop (lines are dropped and
+/// counted instead); workers keep the original, blocking description. Regular files and
+/// sockets (the journal) never block for long and are used as they are.
+fn nonblocking_stderr() -> Option<&'static std::fs::File> {
+    static FILE: std::sync::OnceLock<Option<std::fs::File>> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+        let meta = std::fs::metadata("/proc/self/fd/2").ok()?;
+        let kind = meta.file_type();
+        if !(kind.is_fifo() || kind.is_char_device()) {
+            return None;
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
+            .open("/proc/self/fd/2")
+            .ok()
+    })
+    .as_ref()
+}
+
+/// A stderr writer that drops what does not fit instead of blocking.
+struct LossyStderr(Option<&'static std::fs::File>);
+
+impl std::io::Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let Some(mut file) = self.0 else {
+            return std::io::stderr().write(buf);
+        };
+        match file.write(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                DROPPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Ok(buf.len())
+            }
+            r => r,
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Emits one supervisor event, with the worker's fields when it concerns a worker.

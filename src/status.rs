@@ -31,6 +31,8 @@ pub struct Report {
     pub status: String,
     pub generation: u32,
     pub workers_wanted: u32,
+    /// Log lines dropped because stderr was full.
+    pub log_lines_dropped: u64,
     pub sockets: Vec<(String, String)>,
     /// (seconds ago, Ok(generation) | Err(reason))
     pub last_reload: Option<(Duration, Result<u32, String>)>,
@@ -137,6 +139,7 @@ pub fn report(
         status: state.status_line(),
         generation: state.generation,
         workers_wanted: state.cfg.workers,
+        log_lines_dropped: crate::log::DROPPED.load(std::sync::atomic::Ordering::Relaxed),
         sockets,
         last_reload: state
             .last_reload
@@ -216,13 +219,14 @@ impl Report {
         let mut o = String::from("{\"version\":1,");
         let _ = write!(
             o,
-            "\"supervisor\":{{\"pid\":{},\"uptime_seconds\":{},\"phase\":{},\"status\":{},\"generation\":{},\"workers_wanted\":{}}},",
+            "\"supervisor\":{{\"pid\":{},\"uptime_seconds\":{},\"phase\":{},\"status\":{},\"generation\":{},\"workers_wanted\":{},\"log_lines_dropped\":{}}},",
             self.pid,
             secs(self.uptime),
             jstr(self.phase),
             jstr(&self.status),
             self.generation,
-            self.workers_wanted
+            self.workers_wanted,
+            self.log_lines_dropped
         );
         o.push_str("\"sockets\":[");
         for (i, (n, a)) in self.sockets.iter().enumerate() {

@@ -862,3 +862,73 @@ fn slow_control_client_does_not_stall_the_supervisor() {
     slow.read_to_string(&mut answer).unwrap();
     assert!(answer.starts_with("ok"), "{answer}");
 }
+
+/// Benchmark finding: with stderr a pipe nobody reads, log writes used to block the
+/// supervisor (no reaping, no respawn, no status). Now lines are dropped and counted.
+#[test]
+fn a_stalled_log_reader_does_not_freeze_the_supervisor() {
+    let dir = TempDir::new("stalled-log");
+    let control = dir.join("control.sock");
+    // 300 workers log ~600 lines at start: far more than a 64 KiB pipe holds.
+    let child = std::process::Command::new(clusterctl())
+        .args([
+            "run",
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--workers",
+            "300",
+        ])
+        .args([
+            "--ready",
+            "exec",
+            "--restart-delay",
+            "0",
+            "--log",
+            "stderr",
+            "--control",
+        ])
+        .arg(&control)
+        .args(["--", "sleep", "1000"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // SIGKILL on every exit path (its workers follow through PR_SET_PDEATHSIG).
+    let _guard = SigkillOnDrop(child);
+    let status = || ctl(&["status", "--json"], &control);
+    let out = wait_for("300 workers", SECS(60), || {
+        let (code, out, _) = status();
+        (code == 0 && out.contains("\"status\":\"300/300 workers ready")).then_some(out)
+    });
+    assert!(
+        !out.contains("\"log_lines_dropped\":0}") && out.contains("\"log_lines_dropped\":"),
+        "lines were dropped: {out}"
+    );
+    // A crash is still refilled while nobody reads the log.
+    let pid: i32 = out
+        .split("\"slot\":7,\"pid\":")
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    wait_for("slot 7 refilled", SECS(30), || {
+        let (_, out, _) = status();
+        out.contains(&format!("\"slot\":7,\"pid\":{pid},"))
+            .then_some(())
+            .xor(Some(()))
+    });
+}
+
+struct SigkillOnDrop(std::process::Child);
+
+impl Drop for SigkillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
