@@ -120,13 +120,23 @@ fn write_pid(buf: &mut [u8], n: libc::pid_t) {
     buf[len] = 0;
 }
 
-/// Forks and executes a worker. Returns its pid once `execve` succeeded, or the OS error of
-/// the failed `execve` (reported through a close-on-exec pipe, as std's `Command` does).
+/// A forked worker whose `execve` outcome is not known yet (see [`spawn_finish`]).
+#[derive(Debug)]
+pub struct Started {
+    pid: Pid,
+    /// Read end of the close-on-exec pipe: EOF once `execve` succeeded, or the errno.
+    pipe: std::fs::File,
+}
+
+/// Forks a worker that executes `plan`. The outcome of its `execve` is collected by
+/// [`spawn_finish`]: forking several workers before collecting lets their execs overlap
+/// (each exec tears down a copy of the supervisor's address space, which is the slow part).
+/// The plan is not needed after this returns: the child has its own copy.
 ///
 /// In the child: own process group; stdout/stderr from `plan.output` if set; `PR_SET_PDEATHSIG(SIGKILL)` (checked against the parent
 /// having already died); default dispositions and an empty signal mask; stdin from /dev/null;
 /// fds 3..3+n inherited without `FD_CLOEXEC`, every other fd above 2 closed on exec.
-pub fn spawn(plan: &mut ExecPlan) -> io::Result<Pid> {
+pub fn spawn_start(plan: &mut ExecPlan) -> io::Result<Started> {
     let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let mut envp: Vec<*const libc::c_char> = Vec::with_capacity(plan.env.len() + 1);
     for b in &plan.env {
@@ -151,11 +161,22 @@ pub fn spawn(plan: &mut ExecPlan) -> io::Result<Pid> {
     }
     drop(wr);
     // Also set the group from the parent side, so that a signal to the group sent right
-    // after spawn() returns cannot miss (the child does the same; whoever is first wins).
+    // after spawn_start() returns cannot miss (the child does the same; whoever is first
+    // wins).
     let _ = nix::unistd::setpgid(Pid::from_raw(pid), Pid::from_raw(pid));
+    Ok(Started {
+        pid: Pid::from_raw(pid),
+        pipe: std::fs::File::from(rd),
+    })
+}
+
+/// Waits until the started worker has executed its program (or failed to): its pid, or
+/// the OS error of the failed `execve` (reported through the close-on-exec pipe, as std's
+/// `Command` does; the failed child is reaped here).
+pub fn spawn_finish(started: Started) -> io::Result<Pid> {
+    let Started { pid, pipe: file } = started;
     let mut errno = [0u8; 4];
     let mut got = 0;
-    let file = std::fs::File::from(rd);
     while got < 4 {
         match io::Read::read(&mut &file, &mut errno[got..]) {
             Ok(0) => break,
@@ -165,10 +186,10 @@ pub fn spawn(plan: &mut ExecPlan) -> io::Result<Pid> {
         }
     }
     if got == 0 {
-        return Ok(Pid::from_raw(pid));
+        return Ok(pid);
     }
     // execve failed: reap the child, which has _exit()ed.
-    let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
+    let _ = nix::sys::wait::waitpid(pid, None);
     Err(io::Error::from_raw_os_error(i32::from_ne_bytes(errno)))
 }
 
