@@ -314,6 +314,33 @@ mod tests {
     }
 
     #[test]
+    fn idle_exit_allows_netlink_for_sock_diag() {
+        let plain = render(&["demo", "--listen", "80", "--", "/x"]);
+        assert_eq!(
+            value(&plain.service.content, "RestrictAddressFamilies").as_deref(),
+            Some("AF_UNIX AF_INET AF_INET6")
+        );
+        let idle = render(&[
+            "demo",
+            "--listen",
+            "80",
+            "--exit-idle-after",
+            "5min",
+            "--",
+            "/x",
+        ]);
+        assert_eq!(
+            value(&idle.service.content, "RestrictAddressFamilies").as_deref(),
+            Some("AF_UNIX AF_INET AF_INET6 AF_NETLINK")
+        );
+        assert!(
+            value(&idle.service.content, "ExecStart")
+                .unwrap()
+                .contains("--exit-idle-after 5min")
+        );
+    }
+
+    #[test]
     fn supervisor_options_reach_exec_start() {
         let u = render(&[
             "demo",
