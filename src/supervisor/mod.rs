@@ -397,7 +397,7 @@ impl Executor {
                 Err(e) => return Err(e).context(|| "poll failed".into()),
             }
             let r = |f: Option<&PollFd>| f.and_then(PollFd::revents).is_some_and(|r| !r.is_empty());
-            let first_listener = if control { 3 } else { 2 } + self.clients.len();
+            let first_listener = (if control { 3 } else { 2 }) + self.clients.len();
             if idle && fds[first_listener..].iter().any(|f| r(Some(f))) {
                 events.push(Event::Traffic { busy: true });
             }
