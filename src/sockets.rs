@@ -24,8 +24,6 @@ pub struct Listeners {
     pub addresses: Vec<String>,
     /// Unix socket files we created and remove on exit.
     created_paths: Vec<PathBuf>,
-    /// True when systemd passed the sockets in.
-    pub inherited: bool,
 }
 
 impl Listeners {
@@ -149,7 +147,6 @@ pub fn acquire(specs: &[ListenSpec], reuse_port: bool) -> Result<(Listeners, Vec
                 names: inh.names,
                 addresses,
                 created_paths: Vec::new(),
-                inherited: true,
             },
             warnings,
         ));
