@@ -23,17 +23,21 @@ use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream, UdpSocket};
+use std::net::{TcpListener, UdpSocket};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::net::{self as unix_net, UnixDatagram, UnixListener, UnixStream};
+use std::os::unix::net::{self as unix_net, UnixDatagram, UnixListener};
 use std::path::{Path, PathBuf};
 use std::process::{self, Command, Stdio};
 use std::time::{Duration, Instant};
 use std::{env, thread};
 
 use listenfd::ListenFd;
+
+#[path = "shared/conn.rs"]
+mod conn;
+use conn::Conn;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::socket::{self, SockaddrLike, SockaddrStorage};
@@ -436,59 +440,10 @@ fn serve(listener: &Listener, body: &str, tag: &str) {
     }
 }
 
-enum Conn {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
-impl Conn {
-    fn set_timeouts(&self, read: Duration) -> io::Result<()> {
-        match self {
-            Self::Tcp(s) => {
-                s.set_read_timeout(Some(read))?;
-                s.set_write_timeout(Some(IO_TIMEOUT))
-            }
-            Self::Unix(s) => {
-                s.set_read_timeout(Some(read))?;
-                s.set_write_timeout(Some(IO_TIMEOUT))
-            }
-        }
-    }
-
-    fn shutdown_write(&self) {
-        let _ = match self {
-            Self::Tcp(s) => s.shutdown(Shutdown::Write),
-            Self::Unix(s) => s.shutdown(Shutdown::Write),
-        };
-    }
-}
-
-impl Read for Conn {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Self::Tcp(s) => s.read(buf),
-            Self::Unix(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Conn {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Self::Tcp(s) => s.write(buf),
-            Self::Unix(s) => s.write(buf),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Reads one request head (up to the blank line, the size limit, EOF or the timeout),
 /// answers, half-closes and drains what the client still sends, then closes.
 fn answer(mut conn: Conn, response: &[u8]) {
-    if conn.set_timeouts(IO_TIMEOUT).is_err() {
+    if conn.configure(IO_TIMEOUT, IO_TIMEOUT, false).is_err() {
         return;
     }
     let mut buf = vec![0_u8; MAX_HEAD];
@@ -510,7 +465,7 @@ fn answer(mut conn: Conn, response: &[u8]) {
         return;
     }
     conn.shutdown_write();
-    let _ = conn.set_timeouts(Duration::from_millis(200));
+    let _ = conn.configure(Duration::from_millis(200), IO_TIMEOUT, false);
     let deadline = Instant::now() + Duration::from_secs(1);
     while Instant::now() < deadline {
         match conn.read(&mut buf) {

@@ -29,7 +29,7 @@
 
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::thread::JoinHandleExt;
@@ -40,6 +40,10 @@ use std::time::{Duration, Instant};
 use std::{env, process, thread};
 
 use listenfd::ListenFd;
+
+#[path = "shared/conn.rs"]
+mod conn;
+use conn::Conn;
 use nix::errno::Errno;
 use nix::libc;
 use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal};
@@ -326,60 +330,6 @@ impl Listener {
             Self::Tcp(l) => l.set_nonblocking(true),
             Self::Unix(l) => l.set_nonblocking(true),
         }
-    }
-}
-
-/// An accepted connection.
-#[derive(Debug)]
-enum Conn {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
-impl Conn {
-    fn prepare(&self) -> io::Result<()> {
-        // accept4() never hands out a non-blocking socket unless asked to, even when the
-        // listener is non-blocking, so only the timeouts (and Nagle) need setting.
-        match self {
-            Self::Tcp(s) => {
-                s.set_nodelay(true)?;
-                s.set_read_timeout(Some(READ_TICK))?;
-                s.set_write_timeout(Some(WRITE_TIMEOUT))
-            }
-            Self::Unix(s) => {
-                s.set_read_timeout(Some(READ_TICK))?;
-                s.set_write_timeout(Some(WRITE_TIMEOUT))
-            }
-        }
-    }
-
-    fn shutdown_write(&self) {
-        let _ = match self {
-            Self::Tcp(s) => s.shutdown(Shutdown::Write),
-            Self::Unix(s) => s.shutdown(Shutdown::Write),
-        };
-    }
-}
-
-impl Read for Conn {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Self::Tcp(s) => s.read(buf),
-            Self::Unix(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Conn {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Self::Tcp(s) => s.write(buf),
-            Self::Unix(s) => s.write(buf),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
     }
 }
 
@@ -880,7 +830,7 @@ fn read_some(conn: &mut Conn, buf: &mut [u8]) -> Input {
 
 /// Serves one connection until it closes, fails, idles out or the drain ends it.
 fn serve_connection(mut conn: Conn, body: &[u8], shared: &Shared) {
-    if conn.prepare().is_err() {
+    if conn.configure(READ_TICK, WRITE_TIMEOUT, true).is_err() {
         return;
     }
     let mut buf = vec![0_u8; MAX_HEAD];
