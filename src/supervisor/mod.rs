@@ -697,12 +697,7 @@ impl Executor {
         while let Some(e) = queue.pop_front() {
             let mut started = Vec::new();
             for a in handle(&mut self.state, e, Instant::now()) {
-                match a {
-                    Action::Spawn { slot, generation } => {
-                        started.push((slot, generation, self.spawn_start(slot, generation)));
-                    }
-                    a => self.execute(a),
-                }
+                started.extend(self.execute(a));
             }
             for (slot, generation, s) in started {
                 let result = s.and_then(sys::spawn_finish);
@@ -711,15 +706,12 @@ impl Executor {
         }
     }
 
-    /// Carries out one action (spawns go through `dispatch`, which batches them).
-    fn execute(&mut self, action: Action) {
+    /// Carries out one action. A spawn only forks: it returns the started worker, whose
+    /// exec outcome the caller collects (`dispatch` does so after the whole batch).
+    fn execute(&mut self, action: Action) -> Option<(u32, u32, std::io::Result<sys::Started>)> {
         match action {
             Action::Spawn { slot, generation } => {
-                let result = self
-                    .spawn_start(slot, generation)
-                    .and_then(sys::spawn_finish);
-                let e = self.spawn_outcome(slot, generation, result);
-                self.dispatch(e);
+                return Some((slot, generation, self.spawn_start(slot, generation)));
             }
             Action::Kill { pid, signal, group } => {
                 let r = if group {
@@ -762,6 +754,7 @@ impl Executor {
                 self.exit = Some(code);
             }
         }
+        None
     }
 
     /// Forks the worker for `slot` of `generation` (see `sys::spawn_start`).
