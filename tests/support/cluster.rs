@@ -75,18 +75,13 @@ pub fn wait_for_or<T>(
     mut f: impl FnMut() -> Option<T>,
     what: impl FnOnce() -> String,
 ) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {}",
-            what()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut value = None;
+    let found = super::poll_until(Instant::now() + timeout, || {
+        value = f();
+        value.is_some()
+    });
+    assert!(found, "timed out after {timeout:?} waiting for {}", what());
+    value.expect("poll_until returned true")
 }
 
 pub fn alive(pid: i32) -> bool {
