@@ -56,8 +56,8 @@ const SIGNALS: &[Signal] = &[
 ];
 
 /// While a reload runs, systemd's reload timeout is pushed out by this much, this often,
-/// for as long as the reload is still within `--ready-timeout` (plus a draining old
-/// generation's `--stop-timeout`, for a coalesced reload).
+/// for as long as the reload is still within `--ready-timeout` and `--min-uptime` (plus a
+/// draining old generation's `--stop-timeout`, for a coalesced reload).
 const EXTEND_EVERY: Duration = Duration::from_secs(5);
 const EXTEND_BY: Duration = Duration::from_secs(15);
 
@@ -468,7 +468,8 @@ impl Executor {
                     state::ReloadKind::Surge => 1,
                     state::ReloadKind::Rolling { .. } => self.state.cfg.workers,
                 };
-                let per_step = self.state.cfg.ready_timeout + self.state.cfg.stop_timeout;
+                let cfg = &self.state.cfg;
+                let per_step = cfg.ready_timeout + cfg.min_uptime + cfg.stop_timeout;
                 let limit = r.started + per_step * steps;
                 let due = self.next_extend.is_none_or(|t| t <= now);
                 if due && now < limit {
