@@ -91,6 +91,11 @@ fn crash_storm_under_load_keeps_the_pool_and_recovers_at_once() {
          {} failed, {} retried",
         s.failed, s.retried
     );
+    assert!(
+        empty * 10 <= samples,
+        "no ready worker in {empty} of {samples} samples\n{}",
+        sup.log()
+    );
     assert!(kills >= 50, "only {kills} kills");
     assert!(
         recovered < SECS(3),

@@ -680,7 +680,7 @@ fn establish(state: &mut State, pid: Pid, now: Instant) {
     }
 }
 
-/// Arms the check that generation `generation`, now serving, accepts connections.
+/// Arms the check that the generation now serving accepts connections.
 fn arm_accept_probe(state: &mut State, now: Instant) {
     state.accept_probe = Some(AcceptProbe {
         generation: state.generation,
@@ -1314,6 +1314,10 @@ impl State {
             (Phase::Idle, _) => "idle: no workers, waiting for a connection".to_string(),
             (Phase::Starting, _) if ready == 0 && self.hinted >= self.generation => format!(
                 "starting: 0/{n} workers ready (no READY=1 yet: see --ready after:DUR, --ready exec)"
+            ),
+            (Phase::Starting, _) if ready == n as usize && n > 0 => format!(
+                "starting: {n}/{n} workers ready, waiting --min-uptime {}",
+                human(self.cfg.min_uptime)
             ),
             (Phase::Starting, _) => format!("starting: {ready}/{n} workers ready"),
             (Phase::Running, Some(r)) => format!(
