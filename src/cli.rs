@@ -274,6 +274,11 @@ pub struct SupervisorOpts {
     /// (under systemd the socket unit starts the service again on the next connection)
     #[arg(long, value_name = "DUR")]
     pub exit_idle_after: Option<Dur>,
+
+    /// A worker counts as started only once it stayed up this long after it was ready; one
+    /// that dies sooner is a failed start (a reload rolls back; 0 turns this off)
+    #[arg(long, value_name = "DUR", default_value = "1s")]
+    pub min_uptime: Dur,
 }
 
 impl SupervisorOpts {
@@ -312,6 +317,11 @@ impl SupervisorOpts {
             "stop-timeout",
             self.stop_timeout.to_string(),
             defaults.stop_timeout.to_string(),
+        );
+        push(
+            "min-uptime",
+            self.min_uptime.to_string(),
+            defaults.min_uptime.to_string(),
         );
         if self.reload_strategy == ReloadStrategy::Rolling {
             out.push("--reload-strategy".into());

@@ -95,6 +95,28 @@ impl Watched {
         usage
     }
 
+    /// The TCP connections waiting in our listeners' accept queues (by cookie), and
+    /// whether any connection a worker accepted is open. A connection the kernel
+    /// completed but nobody accepted yet has no socket inode (`idiag_inode` 0) and is in
+    /// ESTABLISHED or CLOSE_WAIT; once accepted it has one.
+    pub fn accept_queue(&self) -> std::io::Result<(std::collections::HashSet<u64>, bool)> {
+        let mut waiting = std::collections::HashSet::new();
+        let mut accepting = false;
+        if self.tcp.is_empty() {
+            return Err(std::io::Error::other("no TCP listener"));
+        }
+        for fam in [AddressFamily::Inet, AddressFamily::Inet6] {
+            for s in tcp_dump(fam)? {
+                let (w, a) = queued_or_accepted(&s, &self.tcp);
+                if w {
+                    waiting.insert(s.cookie);
+                }
+                accepting |= a;
+            }
+        }
+        Ok((waiting, accepting))
+    }
+
     fn try_sample(&mut self) -> (Usage, Option<String>) {
         let mut error = None;
         let mut u = Usage::default();
@@ -183,6 +205,18 @@ fn tally(
     u
 }
 
+/// Is this socket a connection to one of our listeners still in the accept queue, or
+/// one a worker accepted (and holds open)?
+fn queued_or_accepted(s: &DiagSock, watched: &[(AddressFamily, u16, u64)]) -> (bool, bool) {
+    const ESTABLISHED: u8 = 1;
+    const CLOSE_WAIT: u8 = 8;
+    let ours = s.state != TCP_LISTEN && watched.iter().any(|w| w.1 == s.local_port);
+    if !ours || !matches!(s.state, ESTABLISHED | CLOSE_WAIT) {
+        return (false, false);
+    }
+    (s.inode == 0, s.inode != 0)
+}
+
 /// The request: `nlmsghdr` + `inet_diag_req_v2` asking for all TCP sockets of `family`
 /// in LISTEN and every connected state.
 fn tcp_request(family: AddressFamily) -> Vec<u8> {
@@ -246,26 +280,30 @@ pub fn parse_dump(buf: &[u8], out: &mut Vec<DiagSock>) -> Result<bool, String> {
 }
 
 fn tcp_dump(family: AddressFamily) -> std::io::Result<Vec<DiagSock>> {
+    // Non-blocking: the event loop never waits here. The kernel builds each part of a
+    // dump while handling the request (`send`) or the previous `recv`, so the answer is
+    // always there already; if it is not, the sample fails instead of stalling.
     let fd = socket(
         AddressFamily::Netlink,
         SockType::Datagram,
-        SockFlag::SOCK_CLOEXEC,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
         SockProtocol::NetlinkSockDiag,
     )?;
     bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0))?;
-    // Never let a dump stall the event loop.
-    nix::sys::socket::setsockopt(
-        &fd,
-        nix::sys::socket::sockopt::ReceiveTimeout,
-        &nix::sys::time::TimeVal::new(1, 0),
-    )?;
     send(fd.as_raw_fd(), &tcp_request(family), MsgFlags::empty())?;
     let mut socks = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         // MSG_TRUNC: the real length, so a message larger than the buffer is an error
         // instead of silently cut (which could lose NLMSG_DONE).
-        let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::MSG_TRUNC)?;
+        let n = match recv(fd.as_raw_fd(), &mut buf, MsgFlags::MSG_TRUNC) {
+            Err(nix::Error::EAGAIN) => {
+                return Err(std::io::Error::other(
+                    "sock_diag answer not ready (not waiting for it)",
+                ));
+            }
+            r => r?,
+        };
         if n == 0 {
             break;
         }
@@ -393,6 +431,35 @@ mod tests {
             0000: 00000003 00000000 00000000 0001 03 102 /run/other.sock\n\
             0000: 00000003 00000000 00000000 0001 03 103\n";
         assert_eq!(unix_connections(text, &["/run/app.sock".into()]), 1);
+    }
+
+    #[test]
+    fn a_connection_nobody_accepted_is_told_from_an_accepted_one() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let ino = nix::sys::stat::fstat(&listener).unwrap().st_ino;
+        let watched = Watched {
+            tcp: vec![(AddressFamily::Inet, port, ino)],
+            unix: vec![],
+            seen: std::collections::HashSet::new(),
+        };
+        let (waiting, accepting) = watched.accept_queue().unwrap();
+        assert!(waiting.is_empty() && !accepting);
+        let _client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (waiting, accepting) = watched.accept_queue().unwrap();
+        assert_eq!(
+            (waiting.len(), accepting),
+            (1, false),
+            "queued, not accepted"
+        );
+        let again = watched.accept_queue().unwrap().0;
+        assert_eq!(
+            again, waiting,
+            "the same connection (cookie) while it waits"
+        );
+        let (_server, _) = listener.accept().unwrap();
+        let (waiting, accepting) = watched.accept_queue().unwrap();
+        assert_eq!((waiting.len(), accepting), (0, true), "accepted and open");
     }
 
     #[test]

@@ -87,6 +87,13 @@ pub fn report(
                 pid: Some(w.pid.as_raw()),
                 generation: w.generation,
                 state: match w.phase {
+                    WorkerPhase::Starting { .. }
+                        if state.cfg.ready == crate::config::ReadyMode::Notify
+                            && now.saturating_duration_since(w.started)
+                                >= crate::supervisor::state::NO_READY_HINT_AFTER =>
+                    {
+                        "starting (no READY=1 yet)"
+                    }
                     WorkerPhase::Starting { .. } => "starting",
                     WorkerPhase::Ready { .. } => "ready",
                     WorkerPhase::Draining { .. } => "draining",

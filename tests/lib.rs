@@ -3,6 +3,7 @@
 //! helpers (Cargo's `autotests` is off; see Cargo.toml).
 
 mod gen_units;
+mod policy;
 mod run;
 mod support;
 mod systemd_e2e;

@@ -111,6 +111,10 @@ fn socket_activation_status_journal_and_exact_arguments() {
     // The first connection activates the service.
     let body = wait_for("the first answer", SECS(30), || http_get(port, "/").ok());
     assert!(body.contains("lang=python"), "{body}");
+    // READY=1 goes upstream once every worker stayed up --min-uptime after its own.
+    sd.wait_for("pyapp to be active", SECS(30), || {
+        sd.unit_property("pyapp.service", "ActiveState") == "active"
+    });
     assert_eq!(distinct_pids(port, 3), 3, "three workers answer");
     // Every argument arrives byte for byte.
     let expected = std::process::Command::new("/usr/bin/python3")
@@ -238,6 +242,11 @@ fn reloads_under_load_rollback_and_rolling_restart_fail_no_request() {
         &["/usr/local/bin/app".to_string()],
     );
     wait_for("the first answer", SECS(30), || http_get(port, "/").ok());
+    // A reload while the unit is still activating merges into its start job: wait until
+    // READY=1 (sent once every worker stayed up --min-uptime).
+    sd.wait_for("zapp to be active", SECS(30), || {
+        sd.unit_property("zapp.service", "ActiveState") == "active"
+    });
     let load = Load::start(port, 2, 2, SECS(300), 10_000_000);
     load.wait_progress(100);
     for generation in 2..=11 {

@@ -56,16 +56,24 @@ pub enum Event {
     Notify { pid: Pid, msg: NotifyMsg },
     /// SIGTERM / SIGINT: stop everything (a second one kills at once).
     Stop,
-    /// SIGHUP or `clusterctl reload`: start a new generation. `ticket` identifies a
-    /// client waiting for the result.
-    Reload { ticket: Option<Ticket> },
+    /// SIGHUP or `clusterctl reload`: start a new generation. `ticket` identifies the
+    /// control client to answer: with `wait`, once the reload finished (`ReloadFinished`);
+    /// without, as soon as the request was accepted or refused (`Answer`).
+    Reload { ticket: Option<Ticket>, wait: bool },
     /// SIGUSR2 or `clusterctl restart --rolling`: replace workers one slot at a time.
-    RollingRestart { ticket: Option<Ticket> },
+    RollingRestart { ticket: Option<Ticket>, wait: bool },
     /// A sample of the listening sockets (`--exit-idle-after`, `--lazy`): were connections
     /// queued or open?
     Traffic { busy: bool },
     /// `clusterctl scale N`, SIGTTIN (+1), SIGTTOU (-1): run this many workers from now on.
-    Scale { workers: u32 },
+    /// The control client (`ticket`) gets the outcome as an `Answer`.
+    Scale {
+        workers: u32,
+        ticket: Option<Ticket>,
+    },
+    /// The answer to `Action::ProbeAccepting`; `None` when the sockets cannot be seen
+    /// (no TCP listener, no netlink).
+    Backlog(Option<Backlog>),
     /// Some armed deadline may have passed (the executor wakes us at `next_deadline`).
     Tick,
 }
@@ -94,8 +102,26 @@ pub enum Action {
         tickets: Vec<Ticket>,
         result: Result<u32, String>,
     },
+    /// The outcome of a control request that does not wait for a reload.
+    Answer {
+        ticket: Ticket,
+        result: Result<String, String>,
+    },
+    /// Look at the listening sockets' accept queues; the result comes back as `Backlog`.
+    ProbeAccepting,
     /// All workers are gone: exit the supervisor with this code.
     Exit { code: u8 },
+}
+
+/// What a look at the accept queues found (see `crate::idle::Watched::backlog`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Backlog {
+    /// Connections waiting to be accepted now.
+    pub waiting: u32,
+    /// Of those, the ones that were already waiting at the previous probe.
+    pub stuck: u32,
+    /// Connections a worker has accepted are open: the workers do use the sockets.
+    pub accepting: bool,
 }
 
 /// Identifies a worker in log lines (journald fields WORKER_ID, GENERATION, WORKER_PID).

@@ -11,11 +11,13 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use tracing::Level;
 
-use super::event::{Action, Event, ExitKind, Ticket, WorkerTag, human};
+use super::event::{Action, Backlog, Event, ExitKind, Ticket, WorkerTag, human};
 use super::state::{
-    Phase, Queued, Reload, ReloadKind, STABLE_AFTER, START_ATTEMPTS, State, Worker, WorkerPhase,
+    ACCEPT_PROBE_FIRST, ACCEPT_PROBE_FOR, ACCEPT_PROBE_MAX, AcceptProbe, GIVE_UP_QUIET,
+    NO_READY_HINT_AFTER, Phase, Queued, Reload, ReloadKind, STABLE_AFTER, START_ATTEMPTS, State,
+    Worker, WorkerPhase,
 };
-use crate::config::ReadyMode;
+use crate::config::{MAX_WORKERS, ReadyMode};
 use crate::error::exit;
 use crate::notify::{NotifyMsg, Upstream};
 
@@ -63,9 +65,19 @@ pub fn handle(state: &mut State, event: Event, now: Instant) -> Vec<Action> {
         Event::Exited { pid, how } => exited(state, pid, how, now, &mut out),
         Event::Notify { pid, msg } => notified(state, pid, &msg, now, &mut out),
         Event::Stop => stop(state, exit::OK, now, &mut out),
-        Event::Reload { ticket } => request_reload(state, false, ticket, &mut out),
-        Event::RollingRestart { ticket } => request_reload(state, true, ticket, &mut out),
-        Event::Scale { workers } => scale(state, workers, now, &mut out),
+        Event::Reload { ticket, wait } => request_reload(state, false, ticket, wait, &mut out),
+        Event::RollingRestart { ticket, wait } => {
+            request_reload(state, true, ticket, wait, &mut out);
+        }
+        Event::Scale { workers, ticket } => {
+            let result = scale(state, workers, now, &mut out);
+            match (ticket, result) {
+                (Some(ticket), result) => out.push(Action::Answer { ticket, result }),
+                (None, Err(e)) => log(&mut out, Level::WARN, None, format!("not scaling: {e}")),
+                (None, Ok(_)) => {}
+            }
+        }
+        Event::Backlog(b) => backlog(state, b, now, &mut out),
         Event::Tick => tick(state, now, &mut out),
     }
     settle(state, now, &mut out);
@@ -156,6 +168,7 @@ fn spawned(
         phase,
         status: None,
         was_ready: matches!(phase, WorkerPhase::Ready { .. }),
+        established: false,
         stop_reason: (!wanted).then_some(UNWANTED),
         last_ping: matches!(phase, WorkerPhase::Ready { .. }).then_some(now),
     };
@@ -172,11 +185,12 @@ fn spawned(
             Some(w.tag()),
             format!("worker {slot} ready (--ready exec)"),
         );
-        if generation == state.slots[slot as usize].generation {
-            state.slots[slot as usize].failed_starts = 0;
-        }
     }
+    let ready = w.was_ready;
     state.workers.push(w);
+    if ready && state.cfg.min_uptime.is_zero() {
+        establish(state, pid, now);
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -227,60 +241,137 @@ fn spawn_failed(
         );
         return;
     }
-    failed_start(state, slot, error, Duration::ZERO, now, out);
+    failed_start(
+        state,
+        slot,
+        error,
+        Refill::Backoff {
+            uptime: Duration::ZERO,
+        },
+        now,
+        out,
+    );
 }
 
-/// A worker of the slot's current generation ended before it was ready (or could not be
-/// started): count it, and refill with backoff — or give up while the first generation
-/// is still starting.
+/// How soon a slot is refilled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refill {
+    /// Its worker started and later died: at once (backoff is for crash loops at boot).
+    Now,
+    /// Its worker reported ready but died within `--min-uptime`: after the minimum delay,
+    /// and the backoff starts over (its boot worked; a storm of kills must not grow it).
+    Soon,
+    /// Its worker died before it was ready (or could not be started): after the slot's
+    /// delay, which doubles up to the maximum.
+    Backoff { uptime: Duration },
+}
+
+/// A worker of the slot's current generation ended before it started (before it was
+/// ready, or within `--min-uptime` of it), or could not be started: count it, and refill
+/// the slot — or give up (see `START_ATTEMPTS`).
 fn failed_start(
     state: &mut State,
     slot: u32,
     why: &str,
-    uptime: Duration,
+    refill: Refill,
     now: Instant,
     out: &mut Vec<Action>,
 ) {
     let s = &mut state.slots[slot as usize];
     s.failed_starts += 1;
     if state.phase == Phase::Starting && s.failed_starts >= START_ATTEMPTS {
+        let hint = if state.last_established.is_none() {
+            "no worker ever started, giving up"
+        } else {
+            "giving up"
+        };
         let msg = format!(
-            "worker {slot} failed to start {START_ATTEMPTS} times in a row (last: {why}); \
-             no worker ever became ready, giving up"
+            "worker {slot} failed to start {START_ATTEMPTS} times in a row (last: {why}); {hint}"
         );
         abort(state, exit::FAILURE, msg, now, out);
         return;
     }
-    schedule_respawn(state, slot, uptime, now, out);
+    let quiet = state
+        .last_established
+        .is_none_or(|t| now.saturating_duration_since(t) >= GIVE_UP_QUIET);
+    if state.phase == Phase::Running
+        && quiet
+        && state
+            .slots
+            .iter()
+            .all(|s| s.failed_starts >= START_ATTEMPTS)
+    {
+        let msg = format!(
+            "every worker failed to start {START_ATTEMPTS} times in a row and none stayed up \
+             for --min-uptime {} after it was ready in the last {} (last: worker {slot} {why}); \
+             giving up",
+            human(state.cfg.min_uptime),
+            human(GIVE_UP_QUIET)
+        );
+        abort(state, exit::FAILURE, msg, now, out);
+        return;
+    }
+    schedule_respawn(state, slot, refill, now, out);
 }
 
 fn schedule_respawn(
     state: &mut State,
     slot: u32,
-    uptime: Duration,
+    refill: Refill,
     now: Instant,
     out: &mut Vec<Action>,
 ) {
     let restart = state.cfg.restart;
     let s = &mut state.slots[slot as usize];
-    if uptime >= STABLE_AFTER {
-        s.delay = restart.min;
-    }
-    let delay = s.delay;
-    s.respawn_at = Some(now + delay);
-    s.delay = (delay * 2).clamp(restart.min, restart.max);
+    let delay = match refill {
+        Refill::Now => {
+            s.delay = restart.min;
+            Duration::ZERO
+        }
+        Refill::Soon => {
+            // Its boot worked: a crash at boot after it backs off from the minimum again.
+            s.delay = restart.min;
+            restart.min
+        }
+        Refill::Backoff { uptime } => {
+            if uptime >= STABLE_AFTER {
+                s.delay = restart.min;
+            }
+            let delay = s.delay;
+            s.delay = (delay * 2).clamp(restart.min, restart.max);
+            delay
+        }
+    };
     s.restarts += 1;
+    let generation = s.generation;
     let t = Some(WorkerTag {
         slot,
-        generation: s.generation,
+        generation,
         pid: None,
     });
-    log(
-        out,
-        Level::INFO,
-        t,
-        format!("restarting worker {slot} in {}", human(delay)),
-    );
+    if delay.is_zero() {
+        s.respawn_at = None;
+        log(out, Level::INFO, t, format!("restarting worker {slot} now"));
+        out.push(Action::Spawn { slot, generation });
+    } else {
+        s.respawn_at = Some(now + delay);
+        log(
+            out,
+            Level::INFO,
+            t,
+            format!("restarting worker {slot} in {}", human(delay)),
+        );
+    }
+}
+
+/// The hint for a worker that never sent `READY=1`, when nothing else was ever ready.
+fn ready_hint(state: &State) -> &'static str {
+    if state.cfg.ready == ReadyMode::Notify && !state.ready_seen {
+        " (no READY=1 arrived on its NOTIFY_SOCKET: for a server without sd_notify support \
+         use --ready after:DUR, ready DUR after start, or --ready exec, ready at once)"
+    } else {
+        ""
+    }
 }
 
 fn exited(state: &mut State, pid: Pid, how: ExitKind, now: Instant, out: &mut Vec<Action>) {
@@ -310,11 +401,21 @@ fn exited(state: &mut State, pid: Pid, how: ExitKind, now: Instant, out: &mut Ve
         return;
     }
     let why = if w.stop_reason == Some(READY_TIMEOUT) {
-        format!("was not ready within {}", human(state.cfg.ready_timeout))
+        format!(
+            "was not ready within {}{}",
+            human(state.cfg.ready_timeout),
+            ready_hint(state)
+        )
     } else if w.stop_reason == Some(WATCHDOG) {
         format!("ended ({how}) after missing its watchdog")
-    } else if w.was_ready {
+    } else if w.established {
         format!("exited unexpectedly ({how}) after {}", human(uptime))
+    } else if let (true, WorkerPhase::Ready { since }) = (w.was_ready, w.phase) {
+        format!(
+            "exited ({how}) {} after it was ready, within --min-uptime {}",
+            human(now.saturating_duration_since(since)),
+            human(state.cfg.min_uptime)
+        )
     } else {
         format!("exited ({how}) before it was ready")
     };
@@ -345,11 +446,17 @@ fn exited(state: &mut State, pid: Pid, how: ExitKind, now: Instant, out: &mut Ve
     if slot_gen != Some(w.generation) || state.live_in(w.generation, w.slot).is_some() {
         return; // an old generation's worker: nothing to refill
     }
-    if w.was_ready {
+    if w.established {
         state.slots[w.slot as usize].failed_starts = 0;
-        schedule_respawn(state, w.slot, uptime, now, out);
+        schedule_respawn(state, w.slot, Refill::Now, now, out);
     } else {
-        failed_start(state, w.slot, &why, uptime, now, out);
+        // With --ready exec, "ready" says nothing: only established counts.
+        let refill = if w.was_ready && state.cfg.ready != ReadyMode::Exec {
+            Refill::Soon
+        } else {
+            Refill::Backoff { uptime }
+        };
+        failed_start(state, w.slot, &why, refill, now, out);
     }
 }
 
@@ -418,6 +525,7 @@ fn traffic(state: &mut State, busy: bool, now: Instant, out: &mut Vec<Action>) {
             let s = &mut state.slots[slot as usize];
             s.generation = generation;
             s.failed_starts = 0;
+            s.delay = state.cfg.restart.min;
             out.push(Action::Spawn { slot, generation });
         }
     }
@@ -466,19 +574,30 @@ fn idle_timeout(state: &mut State, now: Instant, out: &mut Vec<Action>) {
 }
 
 /// Changes the number of workers: new slots start at once; the highest slots are drained.
-fn scale(state: &mut State, workers: u32, now: Instant, out: &mut Vec<Action>) {
+/// Returns the answer for the client that asked.
+fn scale(
+    state: &mut State,
+    workers: u32,
+    now: Instant,
+    out: &mut Vec<Action>,
+) -> Result<String, String> {
     let old = state.cfg.workers;
-    if workers == 0 || workers == old || matches!(state.phase, Phase::Stopping { .. }) {
-        return;
+    if workers == 0 || workers > MAX_WORKERS {
+        return Err(format!(
+            "cannot scale to {workers} workers: the range is 1..={MAX_WORKERS}"
+        ));
     }
-    if state.reload.is_some() {
-        log(
-            out,
-            Level::WARN,
-            None,
-            format!("not scaling to {workers} workers: a reload is in progress"),
-        );
-        return;
+    if matches!(state.phase, Phase::Stopping { .. }) {
+        return Err("the supervisor is stopping".into());
+    }
+    if state.reload.is_some() || state.queued.is_some() {
+        return Err(format!(
+            "cannot scale to {workers} workers now: a reload is in progress; scale again \
+             when it finished"
+        ));
+    }
+    if workers == old {
+        return Ok(format!("already running {workers} workers"));
     }
     log(
         out,
@@ -511,6 +630,7 @@ fn scale(state: &mut State, workers: u32, now: Instant, out: &mut Vec<Action>) {
             drain(state, pid, SCALED_DOWN, now, out);
         }
     }
+    Ok(format!("scaling from {old} to {workers} workers"))
 }
 
 fn mark_ready(state: &mut State, pid: Pid, now: Instant, out: &mut Vec<Action>) {
@@ -521,7 +641,7 @@ fn mark_ready(state: &mut State, pid: Pid, now: Instant, out: &mut Vec<Action>) 
     w.was_ready = true;
     w.last_ping = Some(now);
     let took = now.saturating_duration_since(w.started);
-    let (slot, generation) = (w.slot, w.generation);
+    let slot = w.slot;
     let t = Some(w.tag());
     log(
         out,
@@ -529,9 +649,88 @@ fn mark_ready(state: &mut State, pid: Pid, now: Instant, out: &mut Vec<Action>) 
         t,
         format!("worker {slot} ready after {}", human(took)),
     );
-    if state.slots[slot as usize].generation == generation {
-        state.slots[slot as usize].failed_starts = 0;
+    state.ready_seen = true;
+    if state.cfg.min_uptime.is_zero() {
+        establish(state, pid, now);
     }
+}
+
+/// A ready worker stayed up `--min-uptime`: it started (its slot's failed starts are
+/// forgotten, a reload or the first generation may count it).
+fn establish(state: &mut State, pid: Pid, now: Instant) {
+    let Some(w) = state.worker_mut(pid) else {
+        return;
+    };
+    if w.established || !matches!(w.phase, WorkerPhase::Ready { .. }) {
+        return;
+    }
+    w.established = true;
+    let (slot, generation) = (w.slot, w.generation);
+    let reloading = state
+        .reload
+        .as_ref()
+        .is_some_and(|r| r.generation == generation);
+    if let Some(s) = state.slots.get_mut(slot as usize)
+        && (s.generation == generation || reloading)
+    {
+        if s.generation == generation {
+            s.failed_starts = 0;
+        }
+        state.last_established = Some(now);
+    }
+}
+
+/// Arms the check that the generation now serving accepts connections.
+fn arm_accept_probe(state: &mut State, now: Instant) {
+    state.accept_probe = Some(AcceptProbe {
+        generation: state.generation,
+        at: now + ACCEPT_PROBE_FIRST,
+        prev: None,
+        interval: ACCEPT_PROBE_FIRST * 2,
+        until: now + ACCEPT_PROBE_FOR,
+    });
+}
+
+/// A look at the accept queues came back: warn once about connections nobody accepts;
+/// stop looking once the workers are seen accepting; else look again later.
+fn backlog(state: &mut State, found: Option<Backlog>, now: Instant, out: &mut Vec<Action>) {
+    let Some(mut p) = state.accept_probe else {
+        return;
+    };
+    let Some(b) = found else {
+        state.accept_probe = None;
+        return;
+    };
+    if b.stuck > 0 {
+        let waited = p.prev.map_or(String::new(), |t| {
+            format!(" for {}", human(now.saturating_duration_since(t)))
+        });
+        let msg = format!(
+            "{} connection(s) waited in the listening socket's accept queue{waited} and no \
+             worker accepted them: the workers of generation {} do not seem to use the \
+             inherited socket. clusterctl passes it as fd 3 (LISTEN_FDS=1, LISTEN_PID=the \
+             worker's pid); make the server listen on that fd (for example gunicorn --bind \
+             fd://3, uvicorn --fd 3) instead of binding a port of its own",
+            b.stuck, p.generation
+        );
+        log(out, Level::WARN, None, msg);
+        state.accept_probe = None;
+        return;
+    }
+    if b.accepting {
+        state.accept_probe = None;
+        return;
+    }
+    p.prev = Some(now);
+    p.at = if b.waiting > 0 {
+        // Look again soon: still there then means nobody accepts them.
+        now + ACCEPT_PROBE_FIRST
+    } else {
+        let at = now + p.interval;
+        p.interval = (p.interval * 2).min(ACCEPT_PROBE_MAX);
+        at
+    };
+    state.accept_probe = (p.at <= p.until).then_some(p);
 }
 
 /// Asks a worker to drain: the stop signal now, SIGKILL to its group after stop-timeout.
@@ -637,14 +836,20 @@ fn abort(state: &mut State, code: u8, reason: String, now: Instant, out: &mut Ve
     state.last_status = reason;
 }
 
-fn request_reload(state: &mut State, rolling: bool, ticket: Option<Ticket>, out: &mut Vec<Action>) {
-    if matches!(state.phase, Phase::Stopping { .. }) {
-        if let Some(t) = ticket {
-            out.push(Action::ReloadFinished {
-                tickets: vec![t],
-                result: Err("the supervisor is stopping".into()),
-            });
+fn request_reload(
+    state: &mut State,
+    rolling: bool,
+    ticket: Option<Ticket>,
+    wait: bool,
+    out: &mut Vec<Action>,
+) {
+    let answer = |out: &mut Vec<Action>, result: Result<String, String>| {
+        if let Some(ticket) = ticket {
+            out.push(Action::Answer { ticket, result });
         }
+    };
+    if matches!(state.phase, Phase::Stopping { .. }) {
+        answer(out, Err("the supervisor is stopping".into()));
         return;
     }
     if state.phase == Phase::Idle {
@@ -656,21 +861,40 @@ fn request_reload(state: &mut State, rolling: bool, ticket: Option<Ticket>, out:
             "reload while idle: nothing to replace".into(),
         );
         out.push(Action::Notify(vec![Upstream::Reloading, Upstream::Ready]));
-        out.push(Action::ReloadFinished {
-            tickets: ticket.into_iter().collect(),
-            result: Ok(state.generation),
-        });
+        if wait {
+            out.push(Action::ReloadFinished {
+                tickets: ticket.into_iter().collect(),
+                result: Ok(state.generation),
+            });
+        } else {
+            answer(
+                out,
+                Ok("reload requested: nothing to replace while idle".into()),
+            );
+        }
         return;
     }
     let q = state.queued.get_or_insert_with(Queued::default);
     q.rolling |= rolling;
-    q.tickets.extend(ticket);
+    if wait {
+        q.tickets.extend(ticket);
+    }
     if state.reload.is_some() {
         log(
             out,
             Level::INFO,
             None,
             "reload requested while one runs: it will follow".into(),
+        );
+    }
+    if !wait {
+        answer(
+            out,
+            Ok(if state.reload.is_some() {
+                "reload requested: it follows the one in progress".into()
+            } else {
+                "reload requested".into()
+            }),
         );
     }
 }
@@ -776,6 +1000,7 @@ fn finish_reload(state: &mut State, now: Instant, out: &mut Vec<Action>) {
         ),
     );
     state.last_reload = Some((now, Ok(r.generation)));
+    arm_accept_probe(state, now);
     out.push(Action::ReloadFinished {
         tickets: r.tickets,
         result: Ok(r.generation),
@@ -788,7 +1013,23 @@ fn tick(state: &mut State, now: Instant, out: &mut Vec<Action>) {
     let mut timed_out = Vec::new();
     let mut overdue = Vec::new();
     let mut missed = Vec::new();
+    let mut established = Vec::new();
+    let mut silent = None;
     for w in &state.workers {
+        if let WorkerPhase::Ready { since } = w.phase
+            && !w.established
+            && since + state.cfg.min_uptime <= now
+        {
+            established.push(w.pid);
+        }
+        if let WorkerPhase::Starting { .. } = w.phase
+            && state.cfg.ready == ReadyMode::Notify
+            && w.generation > state.hinted
+            && w.started + NO_READY_HINT_AFTER <= now
+            && silent.is_none()
+        {
+            silent = Some(w.clone());
+        }
         if let (WorkerPhase::Ready { .. }, Some(wd), Some(p)) =
             (w.phase, state.cfg.worker_watchdog, w.last_ping)
             && p + wd <= now
@@ -803,6 +1044,26 @@ fn tick(state: &mut State, now: Instant, out: &mut Vec<Action>) {
             WorkerPhase::Draining { kill_at } if kill_at <= now => overdue.push(w.pid),
             _ => {}
         }
+    }
+    for pid in established {
+        establish(state, pid, now);
+    }
+    if let Some(w) = silent {
+        state.hinted = w.generation;
+        let msg = format!(
+            "worker {} has not sent READY=1 {} after it started; waiting up to --ready-timeout \
+             {}{}",
+            w.slot,
+            human(now.saturating_duration_since(w.started)),
+            human(state.cfg.ready_timeout),
+            if state.ready_seen {
+                ""
+            } else {
+                ". A server without sd_notify support never sends it: run it with --ready \
+                 after:DUR (ready DUR after start) or --ready exec (ready at once)"
+            }
+        );
+        log(out, Level::WARN, Some(w.tag()), msg);
     }
     for pid in became_ready {
         mark_ready(state, pid, now, out);
@@ -836,8 +1097,9 @@ fn tick(state: &mut State, now: Instant, out: &mut Vec<Action>) {
         let Some(w) = state.worker(pid) else { continue };
         let (slot, generation) = (w.slot, w.generation);
         let msg = format!(
-            "worker {slot} was not ready within {}: killing it",
-            human(state.cfg.ready_timeout)
+            "worker {slot} was not ready within {}: killing it{}",
+            human(state.cfg.ready_timeout),
+            ready_hint(state)
         );
         log(out, Level::WARN, Some(w.tag()), msg);
         kill_now(state, pid, READY_TIMEOUT, out);
@@ -853,6 +1115,14 @@ fn tick(state: &mut State, now: Instant, out: &mut Vec<Action>) {
             );
             rollback(state, &why, now, out);
         }
+    }
+    if state.phase == Phase::Running
+        && let Some(p) = &mut state.accept_probe
+        && p.at <= now
+    {
+        // Not again before the answer (`Event::Backlog`) re-arms it.
+        p.at = p.until + Duration::from_secs(1);
+        out.push(Action::ProbeAccepting);
     }
     idle_timeout(state, now, out);
     if let Phase::Stopping {
@@ -885,9 +1155,10 @@ fn settle(state: &mut State, now: Instant, out: &mut Vec<Action>) {
         state.announced = true;
         out.push(Action::Notify(vec![Upstream::Ready]));
     }
-    if state.phase == Phase::Starting && state.ready_count_current() == n as usize {
+    if state.phase == Phase::Starting && state.established_count_current() == n as usize {
         state.phase = Phase::Running;
         state.last_busy = Some(now);
+        arm_accept_probe(state, now);
         log(out, Level::INFO, None, format!("all {n} workers ready"));
         if !state.announced {
             state.announced = true;
@@ -896,10 +1167,13 @@ fn settle(state: &mut State, now: Instant, out: &mut Vec<Action>) {
     }
     if let Some(r) = state.reload.clone() {
         let g = r.generation;
+        // Ready, and up for --min-uptime since: a worker that dies right after READY=1
+        // (gunicorn's master reports ready before its workers import the app) fails the
+        // reload instead of replacing a good generation.
         let ready_in = |state: &State, slot: u32| {
             state
                 .live_in(g, slot)
-                .is_some_and(|w| matches!(w.phase, WorkerPhase::Ready { .. }))
+                .is_some_and(|w| matches!(w.phase, WorkerPhase::Ready { .. }) && w.established)
         };
         match r.kind {
             ReloadKind::Surge if (0..n).all(|s| ready_in(state, s)) => {
@@ -909,10 +1183,13 @@ fn settle(state: &mut State, now: Instant, out: &mut Vec<Action>) {
                     .filter(|w| w.generation != g)
                     .map(|w| w.pid)
                     .collect();
+                let min = state.cfg.restart.min;
                 for s in &mut state.slots {
                     s.generation = g;
                     s.failed_starts = 0;
                     s.respawn_at = None;
+                    // A new generation starts with fresh backoff.
+                    s.delay = min;
                 }
                 for pid in old {
                     drain(state, pid, REPLACED, now, out);
@@ -920,10 +1197,12 @@ fn settle(state: &mut State, now: Instant, out: &mut Vec<Action>) {
                 finish_reload(state, now, out);
             }
             ReloadKind::Rolling { slot } if ready_in(state, slot) => {
+                let min = state.cfg.restart.min;
                 let s = &mut state.slots[slot as usize];
                 s.generation = g;
                 s.failed_starts = 0;
                 s.respawn_at = None;
+                s.delay = min;
                 let old: Vec<Pid> = state
                     .workers
                     .iter()
@@ -950,6 +1229,7 @@ fn settle(state: &mut State, now: Instant, out: &mut Vec<Action>) {
         }
     }
     start_queued_reload(state, now, out);
+    keep_one_coming(state, now, out);
     let status = state.status_line();
     if status != state.last_status
         && !matches!(state.phase, Phase::Stopping { code, .. } if code != exit::OK)
@@ -965,7 +1245,50 @@ fn settle(state: &mut State, now: Instant, out: &mut Vec<Action>) {
     }
 }
 
+/// Backoff alone never leaves a serving pool empty: when no worker is alive and every
+/// slot is waiting for its refill, the earliest refill is due after the minimum delay.
+fn keep_one_coming(state: &mut State, now: Instant, out: &[Action]) {
+    if state.phase != Phase::Running || out.iter().any(|a| matches!(a, Action::Spawn { .. })) {
+        return;
+    }
+    let alive = state.workers.iter().any(|w| {
+        matches!(
+            w.phase,
+            WorkerPhase::Starting { .. } | WorkerPhase::Ready { .. }
+        )
+    });
+    if alive {
+        return;
+    }
+    let soon = now + state.cfg.restart.min;
+    if let Some(s) = state
+        .slots
+        .iter_mut()
+        .filter(|s| s.respawn_at.is_some())
+        .min_by_key(|s| s.respawn_at)
+        && s.respawn_at.is_some_and(|t| t > soon)
+    {
+        s.respawn_at = Some(soon);
+    }
+}
+
 impl State {
+    /// Established workers (ready, and up for `--min-uptime` since) of their slot's
+    /// current generation.
+    pub fn established_count_current(&self) -> usize {
+        self.workers
+            .iter()
+            .filter(|w| {
+                w.established
+                    && matches!(w.phase, WorkerPhase::Ready { .. })
+                    && self
+                        .slots
+                        .get(w.slot as usize)
+                        .is_some_and(|s| s.generation == w.generation)
+            })
+            .count()
+    }
+
     /// Ready workers that belong to their slot's current generation.
     pub fn ready_count_current(&self) -> usize {
         self.workers
@@ -989,6 +1312,13 @@ impl State {
                 format!("stopping: {} worker(s) left", self.workers.len())
             }
             (Phase::Idle, _) => "idle: no workers, waiting for a connection".to_string(),
+            (Phase::Starting, _) if ready == 0 && self.hinted >= self.generation => format!(
+                "starting: 0/{n} workers ready (no READY=1 yet: see --ready after:DUR, --ready exec)"
+            ),
+            (Phase::Starting, _) if ready == n as usize && n > 0 => format!(
+                "starting: {n}/{n} workers ready, waiting --min-uptime {}",
+                human(self.cfg.min_uptime)
+            ),
             (Phase::Starting, _) => format!("starting: {ready}/{n} workers ready"),
             (Phase::Running, Some(r)) => format!(
                 "reloading to generation {}: {}/{n} new workers ready; {ready}/{n} serving",

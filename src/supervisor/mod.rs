@@ -56,8 +56,8 @@ const SIGNALS: &[Signal] = &[
 ];
 
 /// While a reload runs, systemd's reload timeout is pushed out by this much, this often,
-/// for as long as the reload is still within `--ready-timeout` (plus a draining old
-/// generation's `--stop-timeout`, for a coalesced reload).
+/// for as long as the reload is still within `--ready-timeout` and `--min-uptime` (plus a
+/// draining old generation's `--stop-timeout`, for a coalesced reload).
 const EXTEND_EVERY: Duration = Duration::from_secs(5);
 const EXTEND_BY: Duration = Duration::from_secs(15);
 
@@ -81,6 +81,7 @@ pub fn run(args: RunArgs) -> Result<u8> {
         worker_watchdog: args.opts.worker_watchdog.map(|d| d.0),
         exit_idle_after: args.opts.exit_idle_after.map(|d| d.0),
         lazy: args.lazy,
+        min_uptime: args.opts.min_uptime.0,
     };
     if cfg
         .worker_watchdog
@@ -238,6 +239,13 @@ struct Executor {
     journal_identifier: Option<String>,
     /// `--exit-idle-after` / `--lazy`: the listening sockets to sample, and when.
     watched: Option<crate::idle::Watched>,
+    /// The TCP listeners, for `Action::ProbeAccepting`, and the connections that waited
+    /// in their accept queues at the previous probe.
+    accept_watch: crate::idle::Watched,
+    unaccepted: std::collections::HashSet<u64>,
+    /// A SIGCHLD was read: reap (and feed each exit to the state machine) before any
+    /// other event of the batch.
+    child_exited: bool,
     sample_every: Duration,
     next_sample: Option<Instant>,
 }
@@ -293,6 +301,7 @@ impl Executor {
         }
         let watchdog = watchdog_interval();
         let now = Instant::now();
+        let n_listeners = listeners.len();
         let watched = (cfg.exit_idle_after.is_some() || cfg.lazy)
             .then(|| crate::idle::Watched::from_listeners(listeners.len()));
         // A tenth of the idle timeout, within 200 ms .. 5 s.
@@ -327,6 +336,9 @@ impl Executor {
             started: now,
             journal_identifier,
             watched,
+            accept_watch: crate::idle::Watched::from_listeners(n_listeners),
+            unaccepted: std::collections::HashSet::new(),
+            child_exited: false,
             sample_every,
             next_sample: None,
         })
@@ -336,7 +348,13 @@ impl Executor {
         self.dispatch(Event::Start);
         while self.exit.is_none() {
             let events = self.wait()?;
+            if std::mem::take(&mut self.child_exited) {
+                self.reap();
+            }
             for e in events {
+                if self.exit.is_some() {
+                    break;
+                }
                 self.dispatch(e);
                 if self.exit.is_some() {
                     break;
@@ -450,7 +468,8 @@ impl Executor {
                     state::ReloadKind::Surge => 1,
                     state::ReloadKind::Rolling { .. } => self.state.cfg.workers,
                 };
-                let per_step = self.state.cfg.ready_timeout + self.state.cfg.stop_timeout;
+                let cfg = &self.state.cfg;
+                let per_step = cfg.ready_timeout + cfg.min_uptime + cfg.stop_timeout;
                 let limit = r.started + per_step * steps;
                 let due = self.next_extend.is_none_or(|t| t <= now);
                 if due && now < limit {
@@ -524,39 +543,33 @@ impl Executor {
                 };
                 crate::control::answer(stream, Ok(text));
             }
+            // The client gets the state machine's own answer (`Action::Answer` or
+            // `ReloadFinished`), never one guessed before the transition ran.
             Request::Scale(n) => {
-                if self.state.reload.is_some() {
-                    crate::control::answer(
-                        stream,
-                        Err("a reload is in progress; scale again when it finished".into()),
-                    );
-                } else if n == 0 || n > crate::config::MAX_WORKERS {
-                    crate::control::answer(stream, Err(format!("cannot scale to {n} workers")));
-                } else {
-                    crate::control::answer(stream, Ok(format!("scaling to {n} workers")));
-                    events.push(Event::Scale { workers: n });
-                }
+                let ticket = self.ticket_for(stream);
+                events.push(Event::Scale {
+                    workers: n,
+                    ticket: Some(ticket),
+                });
             }
             Request::Reload { rolling, wait } => {
-                let ticket = self.next_ticket;
-                self.next_ticket += 1;
-                if wait {
-                    self.waiting.push((ticket, stream));
-                } else {
-                    crate::control::answer(stream, Ok("reload requested".into()));
-                }
+                let ticket = Some(self.ticket_for(stream));
                 let rolling = rolling || self.rolling;
                 events.push(if rolling {
-                    Event::RollingRestart {
-                        ticket: Some(ticket),
-                    }
+                    Event::RollingRestart { ticket, wait }
                 } else {
-                    Event::Reload {
-                        ticket: Some(ticket),
-                    }
+                    Event::Reload { ticket, wait }
                 });
             }
         }
+    }
+
+    /// Keeps a control client until the state machine answers it.
+    fn ticket_for(&mut self, stream: std::os::unix::net::UnixStream) -> event::Ticket {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.waiting.push((ticket, stream));
+        ticket
     }
 
     fn read_signals(&mut self, events: &mut Vec<Event>) {
@@ -565,7 +578,7 @@ impl Executor {
                 continue;
             };
             match sig {
-                Signal::SIGCHLD => self.reap(events),
+                Signal::SIGCHLD => self.child_exited = true,
                 Signal::SIGTERM | Signal::SIGINT => {
                     tracing::info!("received {}", sig.as_str());
                     events.push(Event::Stop);
@@ -573,9 +586,15 @@ impl Executor {
                 Signal::SIGHUP => {
                     tracing::info!("received SIGHUP: reloading");
                     events.push(if self.rolling {
-                        Event::RollingRestart { ticket: None }
+                        Event::RollingRestart {
+                            ticket: None,
+                            wait: false,
+                        }
                     } else {
-                        Event::Reload { ticket: None }
+                        Event::Reload {
+                            ticket: None,
+                            wait: false,
+                        }
                     });
                 }
                 Signal::SIGUSR1 => {
@@ -585,23 +604,23 @@ impl Executor {
                 }
                 Signal::SIGTTIN | Signal::SIGTTOU => {
                     let n = self.state.cfg.workers;
-                    let n = if sig == Signal::SIGTTIN {
+                    let workers = if sig == Signal::SIGTTIN {
                         n + 1
                     } else {
                         n.saturating_sub(1)
                     };
-                    if n == 0 || n > crate::config::MAX_WORKERS || self.state.reload.is_some() {
-                        tracing::warn!(
-                            "ignoring {}: cannot scale to {n} workers now",
-                            sig.as_str()
-                        );
-                    } else {
-                        events.push(Event::Scale { workers: n });
-                    }
+                    tracing::info!("received {}: scaling to {workers} workers", sig.as_str());
+                    events.push(Event::Scale {
+                        workers,
+                        ticket: None,
+                    });
                 }
                 Signal::SIGUSR2 => {
                     tracing::info!("received SIGUSR2: rolling restart");
-                    events.push(Event::RollingRestart { ticket: None });
+                    events.push(Event::RollingRestart {
+                        ticket: None,
+                        wait: false,
+                    });
                 }
                 _ => {}
             }
@@ -611,8 +630,12 @@ impl Executor {
     /// Reaps every exited child. A worker's process group is SIGKILLed while the worker is
     /// still a zombie (its pid, and so its group id, cannot be reused yet), so nothing it
     /// started outlives it.
-    fn reap(&mut self, events: &mut Vec<Event>) {
-        loop {
+    ///
+    /// Each exit is handled right after its reap, before the next reap and before any
+    /// other event of the batch: a pid is never signalled after it was reaped (only then
+    /// could the kernel reuse it), because the state machine has forgotten it by then.
+    fn reap(&mut self) {
+        while self.exit.is_none() {
             let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
             let pid = match waitid(Id::All, flags) {
                 Ok(WaitStatus::StillAlive) | Err(_) => return,
@@ -629,7 +652,7 @@ impl Executor {
                 Ok(WaitStatus::Signaled(_, sig, _)) => ExitKind::Signal(sig as i32),
                 _ => continue,
             };
-            events.push(Event::Exited { pid, how });
+            self.dispatch(Event::Exited { pid, how });
         }
     }
 
@@ -696,22 +719,57 @@ impl Executor {
         let mut queue = std::collections::VecDeque::from([event]);
         while let Some(e) = queue.pop_front() {
             let mut started = Vec::new();
+            let mut results = Vec::new();
             for a in handle(&mut self.state, e, Instant::now()) {
-                started.extend(self.execute(a));
+                match self.execute(a) {
+                    Some(Outcome::Started(slot, generation, s)) => {
+                        started.push((slot, generation, s));
+                    }
+                    Some(Outcome::Event(e)) => results.push(e),
+                    None => {}
+                }
             }
             for (slot, generation, s) in started {
                 let result = s.and_then(sys::spawn_finish);
                 queue.push_back(self.spawn_outcome(slot, generation, result));
             }
+            queue.extend(results);
         }
     }
 
     /// Carries out one action. A spawn only forks: it returns the started worker, whose
-    /// exec outcome the caller collects (`dispatch` does so after the whole batch).
-    fn execute(&mut self, action: Action) -> Option<(u32, u32, std::io::Result<sys::Started>)> {
+    /// exec outcome the caller collects (`dispatch` does so after the whole batch); a
+    /// probe returns its result as an event.
+    fn execute(&mut self, action: Action) -> Option<Outcome> {
         match action {
             Action::Spawn { slot, generation } => {
-                return Some((slot, generation, self.spawn_start(slot, generation)));
+                let started = self.spawn_start(slot, generation);
+                return Some(Outcome::Started(slot, generation, started));
+            }
+            Action::ProbeAccepting => {
+                let found = match self.accept_watch.accept_queue() {
+                    Ok((waiting, accepting)) => {
+                        let stuck = waiting.intersection(&self.unaccepted).count();
+                        let b = event::Backlog {
+                            waiting: u32::try_from(waiting.len()).unwrap_or(u32::MAX),
+                            stuck: u32::try_from(stuck).unwrap_or(u32::MAX),
+                            accepting,
+                        };
+                        self.unaccepted = waiting;
+                        Some(b)
+                    }
+                    Err(e) => {
+                        tracing::debug!("cannot look at the accept queues: {e}");
+                        None
+                    }
+                };
+                return Some(Outcome::Event(Event::Backlog(found)));
+            }
+            Action::Answer { ticket, result } => {
+                if let Some(i) = self.waiting.iter().position(|(w, _)| *w == ticket) {
+                    let (_, stream) = self.waiting.swap_remove(i);
+                    crate::control::answer(stream, result);
+                }
             }
             Action::Kill { pid, signal, group } => {
                 let r = if group {
@@ -814,6 +872,14 @@ impl Executor {
             }
         }
     }
+}
+
+/// What an action leaves for `dispatch` to finish.
+enum Outcome {
+    /// A forked worker whose exec outcome is still to be collected.
+    Started(u32, u32, std::io::Result<sys::Started>),
+    /// An event to handle next (a probe's result).
+    Event(Event),
 }
 
 /// systemd's watchdog interval for us (`WATCHDOG_USEC`, when `WATCHDOG_PID` is unset or ours).

@@ -14,9 +14,28 @@ use crate::config::{ReadyMode, RestartDelay};
 /// A slot is refilled with the minimum delay again once its worker stayed up this long.
 pub const STABLE_AFTER: Duration = Duration::from_secs(10);
 
-/// While the first generation is starting, a slot that fails to start this many times in a
-/// row aborts the supervisor (bad command, crash at boot) instead of looping forever.
+/// A slot that fails to start this many times in a row gives up: while the first
+/// generation is starting, at once (bad command, crash at boot); later, once every slot
+/// did so and no worker stayed up for `GIVE_UP_QUIET` (a crash loop after a good start).
 pub const START_ATTEMPTS: u32 = 3;
+
+/// After the first generation served: give up on a crash loop only when no worker stayed
+/// up (ready for `--min-uptime`) for this long, so that a storm of outside kills, where
+/// some workers always get through, never takes the service down.
+pub const GIVE_UP_QUIET: Duration = Duration::from_secs(10);
+
+/// With `--ready notify`, a worker still without `READY=1` after this long is reported
+/// (once per generation), naming `--ready after:DUR` / `--ready exec`, long before
+/// `--ready-timeout`.
+pub const NO_READY_HINT_AFTER: Duration = Duration::from_secs(5);
+
+/// Checks that the serving workers accept connections from the inherited sockets: the first
+/// this long after a generation starts serving, then at doubling intervals...
+pub const ACCEPT_PROBE_FIRST: Duration = Duration::from_secs(2);
+/// ... of at most this ...
+pub const ACCEPT_PROBE_MAX: Duration = Duration::from_secs(60);
+/// ... for this long at most (then the generation is left alone: no idle wake-ups).
+pub const ACCEPT_PROBE_FOR: Duration = Duration::from_secs(600);
 
 /// The supervisor's settings, resolved from the command line.
 #[derive(Debug, Clone)]
@@ -34,6 +53,9 @@ pub struct Config {
     /// `--lazy`: start workers on the first connection; when idle, go back to holding the
     /// sockets instead of exiting.
     pub lazy: bool,
+    /// `--min-uptime`: a worker counts as started only once it stayed up this long after
+    /// it was ready; one that dies sooner is a failed start (a reload rolls back).
+    pub min_uptime: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,8 +86,11 @@ pub struct Worker {
     pub phase: WorkerPhase,
     /// The worker's own `STATUS=` text.
     pub status: Option<String>,
-    /// True once it was ever ready (so an exit is a crash, not a failed start).
+    /// True once it was ever ready.
     pub was_ready: bool,
+    /// True once it stayed up `--min-uptime` after it was ready: only then did it start
+    /// (an exit before is a failed start, and a reload waits for it).
+    pub established: bool,
     /// Why it is being stopped, if it is (used to word the exit log line).
     pub stop_reason: Option<&'static str>,
     /// The last `WATCHDOG=1` (or the moment it became ready), with `--worker-watchdog`.
@@ -146,6 +171,28 @@ pub struct State {
     pub last_busy: Option<Instant>,
     /// READY=1 was sent once (a lazy supervisor is ready while it holds the sockets).
     pub announced: bool,
+    /// When a worker of its slot's generation last became established (for the give-up
+    /// rule after the first generation served).
+    pub last_established: Option<Instant>,
+    /// A worker ever sent READY=1 (decides whether errors hint at `--ready`).
+    pub ready_seen: bool,
+    /// The highest generation whose missing `READY=1` was already reported.
+    pub hinted: u32,
+    /// The pending check that the serving generation accepts connections.
+    pub accept_probe: Option<AcceptProbe>,
+}
+
+/// A scheduled look at the accept queues: are connections waiting that nobody accepts?
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcceptProbe {
+    pub generation: u32,
+    pub at: Instant,
+    /// When the previous probe looked.
+    pub prev: Option<Instant>,
+    /// The gap to the next probe when this one finds nothing.
+    pub interval: Duration,
+    /// No probe is armed after this.
+    pub until: Instant,
 }
 
 impl State {
@@ -164,6 +211,10 @@ impl State {
             last_reload: None,
             last_busy: None,
             announced: false,
+            last_established: None,
+            ready_seen: false,
+            hinted: 0,
+            accept_probe: None,
         }
     }
 
@@ -196,15 +247,24 @@ impl State {
 
     /// The earliest armed deadline, if any: the executor sleeps until then (or forever).
     pub fn next_deadline(&self) -> Option<Instant> {
+        let hint = |w: &Worker| {
+            (self.cfg.ready == ReadyMode::Notify && w.generation > self.hinted)
+                .then_some(w.started + NO_READY_HINT_AFTER)
+        };
         let workers = self.workers.iter().filter_map(|w| match w.phase {
             WorkerPhase::Starting { deadline, ready_at } => {
-                Some(ready_at.map_or(deadline, |r| r.min(deadline)))
+                let first = ready_at.map_or(deadline, |r| r.min(deadline));
+                Some(hint(w).map_or(first, |h| h.min(first)))
             }
             WorkerPhase::Draining { kill_at } => Some(kill_at),
-            WorkerPhase::Ready { .. } => self
-                .cfg
-                .worker_watchdog
-                .and_then(|wd| w.last_ping.map(|p| p + wd)),
+            WorkerPhase::Ready { since } => {
+                let watchdog = self
+                    .cfg
+                    .worker_watchdog
+                    .and_then(|wd| w.last_ping.map(|p| p + wd));
+                let established = (!w.established).then_some(since + self.cfg.min_uptime);
+                watchdog.into_iter().chain(established).min()
+            }
             WorkerPhase::Killed => None,
         });
         let slots = self.slots.iter().filter_map(|s| s.respawn_at);
@@ -216,7 +276,11 @@ impl State {
                 .and_then(|d| self.last_busy.map(|b| b + d)),
             _ => None,
         };
-        workers.chain(slots).chain(phase).min()
+        let probe = match self.phase {
+            Phase::Running => self.accept_probe.map(|p| p.at),
+            _ => None,
+        };
+        workers.chain(slots).chain(phase).chain(probe).min()
     }
 }
 

@@ -15,6 +15,8 @@ struct Sim {
     log: Vec<Action>,
     /// At most this many generations alive at once (2, but see the rolling-failure test).
     max_generations: usize,
+    /// What `ProbeAccepting` finds (`None`: the sockets cannot be seen).
+    backlog: Option<Backlog>,
 }
 
 fn cfg(workers: u32) -> Config {
@@ -28,6 +30,7 @@ fn cfg(workers: u32) -> Config {
         worker_watchdog: None,
         exit_idle_after: None,
         lazy: false,
+        min_uptime: Duration::ZERO,
     }
 }
 
@@ -39,6 +42,7 @@ impl Sim {
             next_pid: 100,
             log: Vec::new(),
             max_generations: 2,
+            backlog: None,
         };
         s.ev(Event::Start);
         s
@@ -50,6 +54,9 @@ impl Sim {
         let mut queue = vec![e];
         while let Some(e) = queue.pop() {
             for a in handle(&mut self.st, e, self.now) {
+                if a == Action::ProbeAccepting {
+                    queue.insert(0, Event::Backlog(self.backlog));
+                }
                 if let Action::Spawn { slot, generation } = a {
                     self.next_pid += 1;
                     queue.insert(
@@ -67,6 +74,13 @@ impl Sim {
         }
         self.log.extend(all.iter().cloned());
         all
+    }
+
+    /// The accept-queue probe finds the sockets invisible and stops (as in a sandbox
+    /// without netlink): for tests about other deadlines.
+    fn blind(&mut self) {
+        self.ev(Event::Backlog(None));
+        assert_eq!(self.st.accept_probe, None);
     }
 
     fn advance(&mut self, d: Duration) -> Vec<Action> {
@@ -194,7 +208,13 @@ fn start_spawns_all_and_is_ready_only_when_all_are() {
         Some("3/3 workers ready, generation 1")
     );
     assert_eq!(s.st.phase, Phase::Running);
-    // Nothing is armed once everybody is ready: the executor sleeps without a timeout.
+    // Only the check that the workers accept connections is armed...
+    assert_eq!(s.st.next_deadline(), Some(s.now + ACCEPT_PROBE_FIRST));
+    s.ev(Event::Backlog(Some(Backlog {
+        accepting: true,
+        ..Backlog::default()
+    })));
+    // ... and once they are seen accepting, nothing: the executor sleeps without a timeout.
     assert_eq!(s.st.next_deadline(), None);
     // READY=1 is sent exactly once.
     let a = s.ready(p[2]);
@@ -220,46 +240,57 @@ fn worker_status_text_is_kept_and_strangers_are_ignored() {
 }
 
 #[test]
-fn crashed_worker_is_replaced_in_its_slot_with_growing_backoff() {
+fn crashed_worker_is_replaced_at_once_and_a_crash_at_boot_backs_off() {
     let mut s = Sim::new(cfg(2));
     s.ready_gen(1);
-    let mut expected = [100, 200, 400, 800];
-    for want in &mut expected {
+    s.blind();
+    // A worker that started and later died is replaced at once: backoff is for crash
+    // loops at boot, and waiting would only shrink the pool.
+    let victim = s.pids(1)[1];
+    s.now += Duration::from_secs(1);
+    let a = s.exit(victim, 1);
+    assert_eq!(spawns(&a), [(1, 1)]);
+    // Its replacement crashing before READY=1 backs off, doubling each time.
+    for want in [100, 200, 400, 800] {
         let victim = s.pids(1)[1];
         s.now += Duration::from_secs(1);
         let a = s.exit(victim, 1);
-        assert!(status(&a).unwrap().starts_with("1/2 workers ready"));
+        assert!(s.st.status_line().starts_with("1/2 workers ready"));
         assert!(spawns(&a).is_empty(), "refill waits for the backoff");
-        assert_eq!(s.st.next_deadline(), Some(s.now + *want * MS));
-        let a = s.advance((*want * MS).checked_sub(MS).unwrap());
+        assert_eq!(s.st.next_deadline(), Some(s.now + want * MS));
+        let a = s.advance((want * MS).checked_sub(MS).unwrap());
         assert!(spawns(&a).is_empty(), "not before the delay ({want}ms)");
         let a = s.advance(MS);
         assert_eq!(spawns(&a), [(1, 1)], "slot 1 refilled after {want}ms");
-        let new = s.pids(1)[1];
-        s.ready(new);
     }
-    assert_eq!(s.st.slots[1].restarts, 4);
-    // A worker that stayed up past STABLE_AFTER resets the backoff to the minimum.
-    s.now += STABLE_AFTER;
+    assert_eq!(s.st.slots[1].restarts, 5);
+    assert_eq!(s.st.phase, Phase::Running, "slot 0 serves: no giving up");
+    // Once a worker of the slot started, its backoff starts over.
+    let new = s.pids(1)[1];
+    s.ready(new);
+    s.now += Duration::from_secs(1);
+    let a = s.exit(new, 1);
+    assert_eq!(spawns(&a), [(1, 1)]);
     let victim = s.pids(1)[1];
     s.exit(victim, 1);
     assert_eq!(s.st.next_deadline(), Some(s.now + 100 * MS));
     // The backoff is capped at the maximum.
     let mut s = Sim::new(Config {
         restart: "1s..3s".parse().unwrap(),
-        ..cfg(1)
+        ..cfg(2)
     });
     s.ready_gen(1);
+    s.blind();
+    let victim = s.pids(1)[1];
+    s.exit(victim, 1);
     for want in [1, 2, 3, 3] {
-        let victim = s.pids(1)[0];
+        let victim = s.pids(1)[1];
         s.exit(victim, 1);
         assert_eq!(
             s.st.next_deadline(),
             Some(s.now + Duration::from_secs(want))
         );
         s.advance(Duration::from_secs(want));
-        let p = s.pids(1)[0];
-        s.ready(p);
     }
 }
 
@@ -398,7 +429,10 @@ fn surge_reload_starts_new_generation_and_drains_old_when_all_ready() {
     let mut s = Sim::new(cfg(2));
     s.ready_gen(1);
     let old = s.pids(1);
-    let a = s.ev(Event::Reload { ticket: Some(7) });
+    let a = s.ev(Event::Reload {
+        ticket: Some(7),
+        wait: true,
+    });
     // One datagram: RELOADING=1 (MONOTONIC_USEC= is added to it when sent) and the STATUS.
     assert_eq!(
         upstream(&a),
@@ -433,10 +467,9 @@ fn surge_reload_starts_new_generation_and_drains_old_when_all_ready() {
     // Old workers exiting now is expected: no refill.
     let a = s.exit(old[0], 0);
     assert!(spawns(&a).is_empty());
-    // A crash in the new generation is refilled with the new generation.
+    // A crash in the new generation is refilled with the new generation, at once.
     s.exit(old[1], 0);
-    s.exit(new[1], 1);
-    let a = s.advance(100 * MS);
+    let a = s.exit(new[1], 1);
     assert_eq!(spawns(&a), [(1, 2)]);
 }
 
@@ -445,7 +478,10 @@ fn failed_new_generation_is_rolled_back() {
     let mut s = Sim::new(cfg(2));
     s.ready_gen(1);
     let old = s.pids(1);
-    s.ev(Event::Reload { ticket: Some(1) });
+    s.ev(Event::Reload {
+        ticket: Some(1),
+        wait: true,
+    });
     let new = s.pids(2);
     s.ready(new[0]);
     let a = s.exit(new[1], 3);
@@ -475,7 +511,10 @@ fn failed_new_generation_is_rolled_back() {
     assert!(spawns(&a).is_empty());
     assert_eq!(s.st.generation, 1);
     // A later reload gets a fresh generation number.
-    let a = s.ev(Event::Reload { ticket: None });
+    let a = s.ev(Event::Reload {
+        ticket: None,
+        wait: true,
+    });
     assert_eq!(spawns(&a), [(0, 3), (1, 3)]);
 }
 
@@ -486,7 +525,10 @@ fn reload_rolls_back_when_new_worker_is_not_ready_in_time() {
         ..cfg(1)
     });
     s.ready_gen(1);
-    s.ev(Event::Reload { ticket: Some(3) });
+    s.ev(Event::Reload {
+        ticket: Some(3),
+        wait: true,
+    });
     let new = s.pids(2)[0];
     let a = s.advance(Duration::from_secs(5));
     assert_eq!(kills(&a), [(new, Signal::SIGKILL, true)]);
@@ -508,10 +550,19 @@ fn reload_rolls_back_when_new_worker_is_not_ready_in_time() {
 fn reloads_during_a_reload_are_coalesced_into_one() {
     let mut s = Sim::new(cfg(2));
     s.ready_gen(1);
-    s.ev(Event::Reload { ticket: Some(1) });
-    let a = s.ev(Event::Reload { ticket: Some(2) });
+    s.ev(Event::Reload {
+        ticket: Some(1),
+        wait: true,
+    });
+    let a = s.ev(Event::Reload {
+        ticket: Some(2),
+        wait: true,
+    });
     assert!(spawns(&a).is_empty());
-    s.ev(Event::Reload { ticket: Some(3) });
+    s.ev(Event::Reload {
+        ticket: Some(3),
+        wait: true,
+    });
     let a = s.ready_gen(2);
     assert_eq!(reload_results(&a), [(vec![1], Ok(2))]);
     assert!(
@@ -533,7 +584,10 @@ fn reloads_during_a_reload_are_coalesced_into_one() {
 #[test]
 fn reload_before_first_generation_is_ready_waits() {
     let mut s = Sim::new(cfg(1));
-    let a = s.ev(Event::Reload { ticket: Some(9) });
+    let a = s.ev(Event::Reload {
+        ticket: Some(9),
+        wait: true,
+    });
     assert!(spawns(&a).is_empty());
     let a = s.ready_gen(1);
     assert_eq!(spawns(&a), [(0, 2)]);
@@ -543,7 +597,10 @@ fn reload_before_first_generation_is_ready_waits() {
 fn stop_during_reload_fails_the_reload() {
     let mut s = Sim::new(cfg(1));
     s.ready_gen(1);
-    s.ev(Event::Reload { ticket: Some(4) });
+    s.ev(Event::Reload {
+        ticket: Some(4),
+        wait: true,
+    });
     let a = s.ev(Event::Stop);
     assert_eq!(reload_results(&a)[0].0, [4]);
     assert!(reload_results(&a)[0].1.is_err());
@@ -555,7 +612,10 @@ fn rolling_restart_replaces_one_slot_at_a_time() {
     let mut s = Sim::new(cfg(3));
     s.ready_gen(1);
     let old = s.pids(1);
-    let a = s.ev(Event::RollingRestart { ticket: Some(5) });
+    let a = s.ev(Event::RollingRestart {
+        ticket: Some(5),
+        wait: true,
+    });
     assert_eq!(spawns(&a), [(0, 2)]);
     for slot in 0..3 {
         assert!(s.st.workers.len() <= 4, "at most N+1 workers");
@@ -582,7 +642,10 @@ fn failed_rolling_restart_stops_and_keeps_the_old_worker() {
     let mut s = Sim::new(cfg(2));
     s.ready_gen(1);
     let old = s.pids(1);
-    s.ev(Event::RollingRestart { ticket: None });
+    s.ev(Event::RollingRestart {
+        ticket: None,
+        wait: true,
+    });
     let n0 = s.st.live_in(2, 0).unwrap().pid;
     s.ready(n0);
     s.exit(old[0], 0);
@@ -595,8 +658,7 @@ fn failed_rolling_restart_stops_and_keeps_the_old_worker() {
         "slot 0 keeps its healthy new worker"
     );
     // The old worker of slot 1 is still refilled as generation 1 if it crashes.
-    s.exit(old[1], 1);
-    let a = s.advance(100 * MS);
+    let a = s.exit(old[1], 1);
     assert_eq!(spawns(&a), [(1, 1)]);
 }
 
@@ -629,7 +691,14 @@ fn spawn_result_for_a_rolled_back_generation_is_killed() {
             t,
         );
     }
-    let a = handle(&mut st, Event::Reload { ticket: None }, t);
+    let a = handle(
+        &mut st,
+        Event::Reload {
+            ticket: None,
+            wait: true,
+        },
+        t,
+    );
     assert_eq!(spawns(&a), [(0, 2), (1, 2)]);
     // The first new spawn fails: rollback. The second Spawn of the batch still runs.
     handle(
@@ -658,13 +727,19 @@ fn spawn_result_for_a_rolled_back_generation_is_killed() {
 fn scale_up_starts_new_slots_and_scale_down_drains_the_highest() {
     let mut s = Sim::new(cfg(2));
     s.ready_gen(1);
-    let a = s.ev(Event::Scale { workers: 4 });
+    let a = s.ev(Event::Scale {
+        workers: 4,
+        ticket: None,
+    });
     assert_eq!(spawns(&a), [(2, 1), (3, 1)]);
     assert!(status(&a).unwrap().starts_with("2/4 workers ready"));
     let a = s.ready_gen(1);
     assert!(status(&a).unwrap().starts_with("4/4 workers ready"));
     let p = s.pids(1);
-    let a = s.ev(Event::Scale { workers: 1 });
+    let a = s.ev(Event::Scale {
+        workers: 1,
+        ticket: None,
+    });
     assert_eq!(
         kills(&a),
         [
@@ -677,7 +752,10 @@ fn scale_up_starts_new_slots_and_scale_down_drains_the_highest() {
     let a = s.exit(p[3], 0);
     assert!(spawns(&a).is_empty(), "a scaled-down slot is not refilled");
     // The new count survives a reload.
-    let a = s.ev(Event::Reload { ticket: None });
+    let a = s.ev(Event::Reload {
+        ticket: None,
+        wait: true,
+    });
     assert!(spawns(&a).is_empty(), "waits for the drained workers");
     s.exit(p[1], 0);
     let a = s.exit(p[2], 0);
@@ -722,7 +800,7 @@ fn worker_that_stops_pinging_gets_sigabrt_and_is_replaced() {
         a.iter()
             .any(|a| matches!(a, Action::Log { message, .. } if message.contains("watchdog")))
     );
-    assert!(s.st.slots[1].respawn_at.is_some(), "replaced like a crash");
+    assert_eq!(spawns(&a), [(1, 1)], "replaced like a crash");
 }
 
 #[test]
@@ -733,6 +811,7 @@ fn idle_supervisor_exits_cleanly_and_busy_one_stays() {
         ..cfg(2)
     });
     s.ready_gen(1);
+    s.blind();
     assert_eq!(s.st.next_deadline(), Some(s.now + idle));
     // Traffic keeps pushing the deadline out.
     for _ in 0..5 {
@@ -795,7 +874,10 @@ fn reload_while_idle_succeeds_at_once() {
         lazy: true,
         ..cfg(2)
     });
-    let a = s.ev(Event::Reload { ticket: Some(8) });
+    let a = s.ev(Event::Reload {
+        ticket: Some(8),
+        wait: true,
+    });
     assert!(spawns(&a).is_empty());
     assert_eq!(reload_results(&a), [(vec![8], Ok(1))]);
     assert!(has_upstream(&a, &Upstream::Reloading) && has_upstream(&a, &Upstream::Ready));
@@ -820,10 +902,16 @@ mod review {
     fn scale_up_during_surge_reload_hangs_the_reload() {
         let mut s = Sim::new(cfg(2));
         s.ready_gen(1);
-        s.ev(Event::Reload { ticket: Some(1) });
+        s.ev(Event::Reload {
+            ticket: Some(1),
+            wait: true,
+        });
         // Executor's `reload.is_some()` guard is evaluated before the Reload event is
         // dispatched when SIGHUP and a scale request arrive in the same poll wake.
-        s.ev(Event::Scale { workers: 3 });
+        s.ev(Event::Scale {
+            workers: 3,
+            ticket: None,
+        });
         s.ready_gen(2);
         s.ready_gen(1);
         assert_not_stuck(&s);
@@ -833,7 +921,10 @@ mod review {
     fn scale_down_during_rolling_restart_hangs_it() {
         let mut s = Sim::new(cfg(3));
         s.ready_gen(1);
-        s.ev(Event::RollingRestart { ticket: Some(1) });
+        s.ev(Event::RollingRestart {
+            ticket: Some(1),
+            wait: true,
+        });
         s.ready_gen(2); // slot 0 new ready; old slot-0 draining
         let old0 = s.pids(1)[0];
         s.exit(old0, 0); // rolling moves on to slot 1
@@ -841,7 +932,10 @@ mod review {
             s.st.reload.as_ref().unwrap().kind,
             ReloadKind::Rolling { slot: 1 }
         );
-        s.ev(Event::Scale { workers: 1 }); // drains slot 1 and 2 (both generations)
+        s.ev(Event::Scale {
+            workers: 1,
+            ticket: None,
+        }); // drains slot 1 and 2 (both generations)
         for p in
             s.st.workers
                 .iter()
@@ -861,7 +955,10 @@ mod review {
             exit_idle_after: Some(Duration::from_secs(5)),
             ..cfg(1)
         });
-        let a = s.ev(Event::Scale { workers: 2 });
+        let a = s.ev(Event::Scale {
+            workers: 2,
+            ticket: None,
+        });
         assert!(spawns(&a).is_empty(), "spawned {:?} while idle", spawns(&a));
     }
 
@@ -878,12 +975,18 @@ mod review {
         for p in s.pids(1) {
             s.exit(p, 0);
         }
-        s.ev(Event::Scale { workers: 2 }); // spawns slot 1, generation 1, while idle
+        s.ev(Event::Scale {
+            workers: 2,
+            ticket: None,
+        }); // spawns slot 1, generation 1, while idle
         s.ready_gen(1);
         s.ev(Event::Traffic { busy: true }); // generation 2 in both slots
         s.ready_gen(2);
         assert_eq!(s.st.phase, Phase::Running);
-        let a = s.ev(Event::Reload { ticket: Some(7) });
+        let a = s.ev(Event::Reload {
+            ticket: Some(7),
+            wait: true,
+        });
         assert!(
             !spawns(&a).is_empty(),
             "reload queued forever: workers alive {:?}",
@@ -924,9 +1027,15 @@ mod review {
             ..cfg(1)
         });
         s.ready_gen(1);
-        s.ev(Event::Reload { ticket: None });
+        s.ev(Event::Reload {
+            ticket: None,
+            wait: true,
+        });
         s.ready_gen(2); // generation 1 draining (30 s stop timeout)
-        s.ev(Event::Reload { ticket: None }); // queued behind the drain
+        s.ev(Event::Reload {
+            ticket: None,
+            wait: true,
+        }); // queued behind the drain
         s.advance(Duration::from_secs(11));
         assert!(
             s.st.next_deadline().is_none_or(|t| t > s.now),
@@ -976,7 +1085,10 @@ mod review {
         s.ev(Event::Traffic { busy: true });
         s.ready_gen(1);
         s.advance(Duration::from_secs(5)); // idle: draining
-        let a = s.ev(Event::Reload { ticket: Some(3) });
+        let a = s.ev(Event::Reload {
+            ticket: Some(3),
+            wait: true,
+        });
         let mut all = a;
         for p in s.pids(1) {
             all.extend(s.exit(p, 0));
@@ -990,15 +1102,518 @@ mod review {
         let mut s = Sim::new(cfg(2));
         s.max_generations = 3; // documented: after a failed rolling restart slots are mixed
         s.ready_gen(1);
-        s.ev(Event::RollingRestart { ticket: None });
+        s.ev(Event::RollingRestart {
+            ticket: None,
+            wait: true,
+        });
         s.ready_gen(2);
         s.exit(s.pids(1)[0], 0); // slot 0 replaced; slot 1's new worker starts
         let new1 = *s.pids(2).last().unwrap();
         s.exit(new1, 1); // stopped: slot 0 runs gen 2, slot 1 still gen 1
-        let a = s.ev(Event::Reload { ticket: Some(1) });
+        let a = s.ev(Event::Reload {
+            ticket: Some(1),
+            wait: true,
+        });
         assert_eq!(spawns(&a), [(0, 3), (1, 3)]);
         let a = s.ready_gen(3);
         assert_eq!(reload_results(&a), [(vec![1], Ok(3))]);
         assert!(s.st.slots.iter().all(|sl| sl.generation == 3));
+    }
+}
+
+/// Crashes, backoff, minimum uptime and readiness that neither lies nor hangs (issues 10,
+/// 11, 12).
+mod policy {
+    use super::*;
+
+    fn with_min_uptime(workers: u32, min_uptime: Duration) -> Config {
+        Config {
+            min_uptime,
+            ..cfg(workers)
+        }
+    }
+
+    fn logs(a: &[Action], level: Level) -> Vec<String> {
+        a.iter()
+            .filter_map(|a| match a {
+                Action::Log {
+                    level: l, message, ..
+                } if *l == level => Some(message.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn answers(a: &[Action]) -> Vec<(Ticket, Result<String, String>)> {
+        a.iter()
+            .filter_map(|a| match a {
+                Action::Answer { ticket, result } => Some((*ticket, result.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn live(s: &Sim) -> usize {
+        s.st.workers
+            .iter()
+            .filter(|w| {
+                matches!(
+                    w.phase,
+                    WorkerPhase::Starting { .. } | WorkerPhase::Ready { .. }
+                )
+            })
+            .count()
+    }
+
+    /// Issue 12.5: 4 workers, a random one SIGKILLed 10 times a second for 10 s, each
+    /// replacement ready 20 ms after it starts. The pool never empties because of backoff,
+    /// nobody gives up, and it is whole again at once after the storm.
+    #[test]
+    fn a_crash_storm_never_empties_the_pool_and_it_recovers_at_once() {
+        let mut s = Sim::new(with_min_uptime(4, Duration::from_secs(1)));
+        s.ready_gen(1);
+        s.advance(Duration::from_secs(1));
+        assert_eq!(s.st.phase, Phase::Running);
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut rand = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let (mut samples, mut empty, mut ready_sum) = (0u32, 0u32, 0u32);
+        for step in 0..1000 {
+            s.advance(10 * MS);
+            let due: Vec<Pid> = s
+                .st
+                .workers
+                .iter()
+                .filter(|w| {
+                    matches!(w.phase, WorkerPhase::Starting { .. }) && w.started + 20 * MS <= s.now
+                })
+                .map(|w| w.pid)
+                .collect();
+            for p in due {
+                s.ready(p);
+            }
+            if step % 10 == 0 {
+                let alive: Vec<Pid> =
+                    s.st.workers
+                        .iter()
+                        .filter(|w| !matches!(w.phase, WorkerPhase::Killed))
+                        .map(|w| w.pid)
+                        .collect();
+                if !alive.is_empty() {
+                    let i = usize::try_from(rand() % alive.len() as u64).unwrap();
+                    let a = s.ev(Event::Exited {
+                        pid: alive[i],
+                        how: ExitKind::Signal(9),
+                    });
+                    assert_eq!(exit_code(&a), None, "never gives up under a storm");
+                }
+            }
+            samples += 1;
+            empty += u32::from(live(&s) == 0);
+            ready_sum += u32::try_from(s.st.ready_count(1)).unwrap();
+        }
+        assert!(
+            !matches!(s.st.phase, Phase::Stopping { .. }),
+            "{:?}",
+            s.st.phase
+        );
+        let mean = f64::from(ready_sum) / f64::from(samples);
+        eprintln!(
+            "storm: pool empty in {empty} of {samples} samples, {mean:.2} of 4 ready on average"
+        );
+        assert!(
+            empty * 50 <= samples,
+            "pool empty in {empty} of {samples} samples"
+        );
+        assert!(mean >= 2.5, "on average {mean:.2} of 4 workers ready");
+        // After the storm: every slot is filled within the minimum delay plus a start.
+        let mut t = Duration::ZERO;
+        while s.st.ready_count(1) < 4 {
+            assert!(t < 300 * MS, "not whole again after {t:?}");
+            s.advance(10 * MS);
+            t += 10 * MS;
+            let p: Vec<Pid> =
+                s.st.workers
+                    .iter()
+                    .filter(|w| matches!(w.phase, WorkerPhase::Starting { .. }))
+                    .map(|w| w.pid)
+                    .collect();
+            for p in p {
+                s.ready(p);
+            }
+        }
+        assert!(s.st.slots.iter().all(|sl| sl.respawn_at.is_none()));
+    }
+
+    /// Issue 10: a service whose workers all die right after READY=1 again and again, after
+    /// the first generation served, does not stay "active" silently: exit 1 with the reason.
+    #[test]
+    fn a_crash_loop_after_a_good_start_gives_up_with_the_reason() {
+        let min = Duration::from_secs(1);
+        let mut s = Sim::new(with_min_uptime(2, min));
+        s.ready_gen(1);
+        s.advance(min);
+        assert_eq!(s.st.phase, Phase::Running);
+        let served = s.now;
+        s.blind();
+        for p in s.pids(1) {
+            s.exit(p, 3);
+        }
+        let mut code = None;
+        while code.is_none() {
+            assert!(
+                s.now < served + GIVE_UP_QUIET + Duration::from_secs(5),
+                "still looping at {:?}",
+                s.now - served
+            );
+            // Each replacement reports ready after 100 ms and dies 300 ms later.
+            let a = s.advance(100 * MS);
+            code = exit_code(&a);
+            let starting: Vec<Pid> =
+                s.st.workers
+                    .iter()
+                    .filter(|w| matches!(w.phase, WorkerPhase::Starting { .. }))
+                    .map(|w| w.pid)
+                    .collect();
+            for p in starting {
+                s.ready(p);
+            }
+            let doomed: Vec<Pid> = s
+                .st
+                .workers
+                .iter()
+                .filter(|w| matches!(w.phase, WorkerPhase::Ready { since } if since + 300 * MS <= s.now))
+                .map(|w| w.pid)
+                .collect();
+            for p in doomed {
+                let a = s.exit(p, 3);
+                if let Some(st) = status(&a).filter(|st| st.contains("giving up")) {
+                    assert!(s.now >= served + GIVE_UP_QUIET, "gave up too early: {st}");
+                    assert!(st.contains("every worker failed to start 3 times"), "{st}");
+                    assert!(st.contains("--min-uptime 1s"), "{st}");
+                }
+            }
+            if matches!(s.st.phase, Phase::Stopping { .. }) {
+                for p in s.pids(1) {
+                    code = exit_code(&s.exit(p, 0)).or(code);
+                }
+                code = code.or(exit_code(&s.ev(Event::Tick)));
+            }
+        }
+        assert_eq!(code, Some(exit::FAILURE));
+        // One healthy slot is enough to keep going: no giving up then.
+        let mut s = Sim::new(with_min_uptime(2, min));
+        s.ready_gen(1);
+        s.advance(min);
+        s.blind();
+        let bad = s.pids(1)[1];
+        s.exit(bad, 3);
+        for _ in 0..100 {
+            s.advance(100 * MS);
+            if let Some(w) = s.st.live_in(1, 1).map(|w| w.pid) {
+                s.ready(w);
+                s.now += 300 * MS;
+                let a = s.exit(w, 3);
+                assert_eq!(exit_code(&a), None);
+            }
+        }
+        assert_eq!(s.st.phase, Phase::Running);
+        assert!(s.st.slots[1].failed_starts > START_ATTEMPTS);
+    }
+
+    /// With every slot crashing at boot after the pool served, the earliest refill is due
+    /// after the minimum delay: backoff alone never leaves the pool empty.
+    #[test]
+    fn backoff_alone_never_leaves_the_pool_empty() {
+        let mut s = Sim::new(Config {
+            restart: "100ms..30s".parse().unwrap(),
+            ..cfg(2)
+        });
+        s.ready_gen(1);
+        s.blind();
+        // Make both slots' backoff long: their workers crash at boot again and again.
+        for p in s.pids(1) {
+            s.exit(p, 1);
+        }
+        for _ in 0..6 {
+            for slot in 0..2 {
+                if let Some(p) = s.st.live_in(1, slot).map(|w| w.pid) {
+                    s.exit(p, 1);
+                }
+            }
+            assert!(
+                live(&s) > 0 || s.st.next_deadline() <= Some(s.now + 100 * MS),
+                "pool empty with the next refill at {:?}",
+                s.st.next_deadline().map(|t| t - s.now)
+            );
+            s.advance(100 * MS);
+        }
+    }
+
+    /// Issue 11: a new worker that dies soon after READY=1, before the old generation is
+    /// drained, fails the reload: rollback, the old workers keep serving.
+    #[test]
+    fn reload_waits_for_min_uptime_and_a_worker_dying_before_it_rolls_back() {
+        let min = Duration::from_secs(2);
+        let mut s = Sim::new(with_min_uptime(2, min));
+        s.ready_gen(1);
+        s.advance(min);
+        s.blind();
+        let old = s.pids(1);
+        s.ev(Event::Reload {
+            ticket: Some(4),
+            wait: true,
+        });
+        let a = s.ready_gen(2);
+        assert!(
+            kills(&a).is_empty(),
+            "old generation drained only after min-uptime"
+        );
+        assert!(reload_results(&a).is_empty());
+        s.advance(500 * MS);
+        let dying = s.pids(2)[1];
+        let a = s.exit(dying, 3);
+        let r = reload_results(&a);
+        assert_eq!(r.len(), 1);
+        let e = r[0].1.clone().unwrap_err();
+        assert!(
+            e.contains("after it was ready, within --min-uptime 2s"),
+            "{e}"
+        );
+        assert!(
+            !kills(&a).iter().any(|k| old.contains(&k.0)),
+            "old ones kept"
+        );
+        assert_eq!(s.st.generation, 1);
+        // A good generation is accepted once every new worker stayed up min-uptime.
+        for p in s.pids(2) {
+            s.exit(p, 0);
+        }
+        s.ev(Event::Reload {
+            ticket: Some(5),
+            wait: true,
+        });
+        s.ready_gen(3);
+        let a = s.advance(min.checked_sub(MS).unwrap());
+        assert!(reload_results(&a).is_empty());
+        let a = s.advance(MS);
+        assert_eq!(reload_results(&a), [(vec![5], Ok(3))]);
+        assert_eq!(kills(&a).len(), 2, "old generation drained now");
+    }
+
+    /// The same rule on the first start: READY=1 goes upstream only once every worker
+    /// stayed up min-uptime; workers that die right after READY=1 fail the start.
+    #[test]
+    fn first_start_reports_ready_after_min_uptime_and_fails_on_early_deaths() {
+        let min = Duration::from_secs(1);
+        let mut s = Sim::new(with_min_uptime(2, min));
+        let a = s.ready_gen(1);
+        assert!(!has_upstream(&a, &Upstream::Ready));
+        let a = s.advance(min);
+        assert!(has_upstream(&a, &Upstream::Ready));
+        // gunicorn without --preload and an app that fails to import.
+        let mut s = Sim::new(with_min_uptime(1, min));
+        let mut code = None;
+        for _ in 0..START_ATTEMPTS {
+            let p = s.pids(1)[0];
+            s.ready(p);
+            s.now += 200 * MS;
+            let a = s.exit(p, 3);
+            assert!(!has_upstream(&s.log, &Upstream::Ready));
+            code = exit_code(&a);
+            s.advance(Duration::from_secs(1));
+        }
+        assert_eq!(code, Some(exit::FAILURE));
+        let st = status(&s.log).unwrap();
+        assert!(st.contains("no worker ever started"), "{st}");
+    }
+
+    /// A new generation starts with fresh backoff: good new code never waits the old
+    /// code's delay.
+    #[test]
+    fn a_new_generation_starts_with_fresh_backoff() {
+        let mut s = Sim::new(cfg(2));
+        s.ready_gen(1);
+        s.blind();
+        let p = s.pids(1)[1];
+        s.exit(p, 1);
+        for _ in 0..6 {
+            let p = s.st.live_in(1, 1).unwrap().pid;
+            s.exit(p, 1);
+            let d = s.st.slots[1].respawn_at.unwrap() - s.now;
+            s.advance(d);
+        }
+        assert!(s.st.slots[1].delay >= Duration::from_secs(6));
+        s.ev(Event::Reload {
+            ticket: None,
+            wait: false,
+        });
+        s.ready_gen(2);
+        assert_eq!(s.st.generation, 2);
+        assert_eq!(s.st.slots[1].delay, 100 * MS);
+        let p = s.pids(2)[1];
+        s.exit(p, 1);
+        let p = s.st.live_in(2, 1).unwrap().pid;
+        s.exit(p, 1);
+        assert_eq!(s.st.next_deadline(), Some(s.now + 100 * MS));
+    }
+
+    /// Issues 10/11: no READY=1 after a few seconds is said early, once per generation,
+    /// naming the fix; the ready timeout names it too.
+    #[test]
+    fn a_missing_ready_is_reported_early_and_the_timeout_names_the_fix() {
+        let mut s = Sim::new(cfg(2));
+        let a = s.advance(NO_READY_HINT_AFTER.checked_sub(MS).unwrap());
+        assert!(logs(&a, Level::WARN).is_empty());
+        let a = s.advance(MS);
+        let w = logs(&a, Level::WARN);
+        assert_eq!(w.len(), 1, "once, not per worker: {w:?}");
+        assert!(
+            w[0].contains("has not sent READY=1") && w[0].contains("--ready after:DUR"),
+            "{}",
+            w[0]
+        );
+        assert!(w[0].contains("--ready exec"), "{}", w[0]);
+        assert!(status(&a).unwrap().contains("no READY=1 yet"));
+        let a = s.advance(Duration::from_secs(10));
+        assert!(logs(&a, Level::WARN).is_empty(), "said once");
+        let a = s.advance(Duration::from_secs(45));
+        let w = logs(&a, Level::WARN);
+        assert!(
+            w.iter()
+                .any(|m| m.contains("not ready within 1m0s") && m.contains("--ready exec")),
+            "{w:?}"
+        );
+        // With --ready exec nothing waits for READY=1, so nothing is said.
+        let mut s = Sim::new(Config {
+            ready: ReadyMode::Exec,
+            ..cfg(1)
+        });
+        let a = s.advance(Duration::from_secs(6));
+        assert!(logs(&a, Level::WARN).is_empty());
+    }
+
+    /// Issue 12.7: `scale` is answered with the state machine's outcome.
+    #[test]
+    fn scale_and_reload_get_the_real_outcome() {
+        let mut s = Sim::new(cfg(2));
+        s.ready_gen(1);
+        s.blind();
+        let a = s.ev(Event::Scale {
+            workers: 3,
+            ticket: Some(1),
+        });
+        assert_eq!(answers(&a), [(1, Ok("scaling from 2 to 3 workers".into()))]);
+        let p = s.pids(1)[2];
+        s.ready(p);
+        let a = s.ev(Event::Reload {
+            ticket: Some(2),
+            wait: false,
+        });
+        assert_eq!(answers(&a), [(2, Ok("reload requested".into()))]);
+        assert!(reload_results(&a).is_empty());
+        // The same wake-up: the reload runs, so this scale is refused, and said so.
+        let a = s.ev(Event::Scale {
+            workers: 5,
+            ticket: Some(3),
+        });
+        let r = answers(&a);
+        assert!(
+            r[0].1
+                .as_ref()
+                .unwrap_err()
+                .contains("reload is in progress"),
+            "{r:?}"
+        );
+        assert_eq!(s.st.cfg.workers, 3);
+        let a = s.ev(Event::Scale {
+            workers: 0,
+            ticket: Some(4),
+        });
+        assert!(answers(&a)[0].1.is_err());
+        // A signal's scale has nobody to answer: refused in the log.
+        s.ready_gen(2);
+        let a = s.ev(Event::Scale {
+            workers: 0,
+            ticket: None,
+        });
+        assert!(answers(&a).is_empty());
+        assert!(logs(&a, Level::WARN)[0].contains("not scaling"));
+        s.ev(Event::Stop);
+        let a = s.ev(Event::Reload {
+            ticket: Some(6),
+            wait: false,
+        });
+        assert_eq!(answers(&a), [(6, Err("the supervisor is stopping".into()))]);
+    }
+
+    /// Issue 11: connections that wait in the accept queue with nobody accepting them are
+    /// reported once, naming LISTEN_FDS / fd 3; looking stops once workers accept, and the
+    /// looks get rarer and end when nothing happens.
+    #[test]
+    fn connections_nobody_accepts_are_reported_once() {
+        let mut s = Sim::new(cfg(1));
+        s.ready_gen(1);
+        s.backlog = Some(Backlog {
+            waiting: 2,
+            stuck: 0,
+            accepting: false,
+        });
+        let a = s.advance(ACCEPT_PROBE_FIRST);
+        assert!(a.contains(&Action::ProbeAccepting));
+        assert_eq!(
+            s.st.next_deadline(),
+            Some(s.now + ACCEPT_PROBE_FIRST),
+            "confirm soon"
+        );
+        s.backlog = Some(Backlog {
+            waiting: 2,
+            stuck: 2,
+            accepting: false,
+        });
+        let a = s.advance(ACCEPT_PROBE_FIRST);
+        let w = logs(&a, Level::WARN);
+        assert_eq!(w.len(), 1);
+        assert!(
+            w[0].contains("fd 3") && w[0].contains("LISTEN_FDS"),
+            "{}",
+            w[0]
+        );
+        assert!(w[0].contains("for 2s"), "{}", w[0]);
+        assert_eq!(s.st.next_deadline(), None, "said once, then no more looks");
+        // Workers seen accepting: no more looks.
+        let mut s = Sim::new(cfg(1));
+        s.ready_gen(1);
+        s.backlog = Some(Backlog {
+            waiting: 0,
+            stuck: 0,
+            accepting: true,
+        });
+        s.advance(ACCEPT_PROBE_FIRST);
+        assert_eq!(s.st.next_deadline(), None);
+        // No traffic at all: rarer and rarer looks, and none after ACCEPT_PROBE_FOR.
+        let mut s = Sim::new(cfg(1));
+        s.ready_gen(1);
+        let start = s.now;
+        s.backlog = Some(Backlog::default());
+        let mut looks = 0;
+        while let Some(t) = s.st.next_deadline() {
+            assert!(t <= start + ACCEPT_PROBE_FOR);
+            s.now = t;
+            let a = s.ev(Event::Tick);
+            looks += usize::from(a.contains(&Action::ProbeAccepting));
+        }
+        assert!((5..=16).contains(&looks), "{looks} looks");
+        // A new generation is looked at again.
+        s.ev(Event::Reload {
+            ticket: None,
+            wait: false,
+        });
+        s.ready_gen(2);
+        assert_eq!(s.st.next_deadline(), Some(s.now + ACCEPT_PROBE_FIRST));
     }
 }
