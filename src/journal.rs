@@ -94,7 +94,19 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("stdout");
         assert!(stream_at(&path, "x", 0).is_none(), "nobody listening");
-        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let listener = {
+            use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+            let fd = nix::sys::socket::socket(
+                AddressFamily::Unix,
+                SockType::Stream,
+                SockFlag::SOCK_CLOEXEC,
+                None,
+            )
+            .unwrap();
+            nix::sys::socket::bind(fd.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
+            nix::sys::socket::listen(&fd, Backlog::new(1).unwrap()).unwrap();
+            std::os::unix::net::UnixListener::from(fd)
+        };
         let fd = stream_at(&path, "app", 3).expect("stream");
         let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL).unwrap();
         assert_eq!(
