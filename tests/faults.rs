@@ -683,8 +683,13 @@ fn a_supervisor_run_by_hand_is_found_by_status_without_arguments() {
 fn reload_soak_under_load_is_clean() {
     let dir = TempDir::new("soak");
     let port = free_port();
-    let sup = Run::new(&dir).workers_on(port, 2).spawn();
-    sup.wait_workers(2, 1);
+    // The demo worker drains (finishes in-flight requests) on SIGTERM.
+    let worker = example("worker").display().to_string();
+    let sup = Run::new(&dir)
+        .workers_on(port, 2)
+        .args(&["--", &worker])
+        .spawn_raw();
+    wait_for("first answer", SECS(20), || http_get(port, "/").ok());
     let pid = sup.pid();
     // Warm up (first reload allocates the buffers that stay).
     let (code, out, err) = sup.ctl(&["reload", "--wait"]);
