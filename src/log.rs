@@ -63,9 +63,27 @@ pub fn init(target: LogTarget) -> Option<String> {
                         .with(tracing_subscriber::filter::LevelFilter::INFO),
                 );
                 let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
-                let spawned = std::thread::Builder::new()
-                    .name("journald".into())
-                    .spawn(move || journal_thread(&journal, &rx));
+                // The thread starts with every signal blocked (it inherits the mask): the
+                // supervisor's signals (SIGCHLD, SIGTERM, …) must stay pending for the
+                // main thread's signalfd, never be delivered to this thread.
+                let all = nix::sys::signal::SigSet::all();
+                let mut old = nix::sys::signal::SigSet::empty();
+                let blocked = nix::sys::signal::pthread_sigmask(
+                    nix::sys::signal::SigmaskHow::SIG_SETMASK,
+                    Some(&all),
+                    Some(&mut old),
+                );
+                let spawned = match blocked {
+                    Ok(()) => std::thread::Builder::new()
+                        .name("journald".into())
+                        .spawn(move || journal_thread(&journal, &rx)),
+                    Err(e) => Err(std::io::Error::from(e)),
+                };
+                let _ = nix::sys::signal::pthread_sigmask(
+                    nix::sys::signal::SigmaskHow::SIG_SETMASK,
+                    Some(&old),
+                    None,
+                );
                 match spawned {
                     Ok(_) => {
                         let sub = tracing_subscriber::registry()

@@ -506,7 +506,7 @@ impl Guardian {
 /// # Safety
 /// Only in the child right after `fork`; `groups` and `buf` are this process's own copies.
 unsafe fn guardian_main(rd: RawFd, groups: &mut Vec<libc::pid_t>, buf: &mut [u8; 4096]) -> ! {
-    // SAFETY: async-signal-safe calls only (sigprocmask, setpgid, open, dup2, close_range,
+    // SAFETY: async-signal-safe calls only (sigprocmask, setpgid, prctl, open, dup2, close_range,
     // close, read, kill, _exit); `groups` never grows past the capacity allocated before
     // the fork, so push never allocates.
     unsafe {
@@ -514,6 +514,8 @@ unsafe fn guardian_main(rd: RawFd, groups: &mut Vec<libc::pid_t>, buf: &mut [u8;
         libc::sigfillset(&raw mut all);
         libc::sigprocmask(libc::SIG_SETMASK, &raw const all, std::ptr::null_mut());
         libc::setpgid(0, 0);
+        // Shown by ps/top, so that operators know what the second process is.
+        libc::prctl(libc::PR_SET_NAME, c"clusterctl-guard".as_ptr());
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
         if null >= 0 {
             for fd in 0..3 {

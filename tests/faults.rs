@@ -714,3 +714,82 @@ fn reload_soak_under_load_is_clean() {
     let zombies = children_of(pid).into_iter().filter(|p| !alive(*p)).count();
     assert_eq!(zombies, 0);
 }
+
+struct KillPid(PathBuf);
+impl Drop for KillPid {
+    fn drop(&mut self) {
+        if let Some(p) = std::fs::read_to_string(&self.0)
+            .ok()
+            .and_then(|t| t.trim().parse::<i32>().ok())
+        {
+            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+        }
+    }
+}
+
+/// 12.11: journald stops reading (its socket's queue is full): tracing-journald's
+/// blocking `send_to` happens on the log thread, so the event loop goes on: `status`
+/// answers and a killed worker is replaced. Runs in a private mount namespace whose
+/// `/run/systemd/journal/socket` is a datagram socket that nobody reads.
+#[test]
+fn a_stalled_journald_does_not_stall_the_supervisor() {
+    let root = nix::unistd::geteuid().is_root();
+    if !root || !Path::new("/usr/bin/unshare").exists() {
+        eprintln!("skipped: needs root and unshare for a private /run");
+        assert!(std::env::var("CI").is_err(), "CI runs the tests as root");
+        return;
+    }
+    let dir = TempDir::new("stalled-journald");
+    let control = dir.join("control.sock");
+    let log = dir.join("supervisor.log");
+    let script = format!(
+        "set -e; mount -t tmpfs tmpfs /run; mkdir -p /run/systemd/journal; \
+         python3 -c 'import socket,time; s=socket.socket(socket.AF_UNIX,socket.SOCK_DGRAM); \
+         s.bind(\"/run/systemd/journal/socket\"); time.sleep(120)' & echo $! > '{pidfile}'; \
+         i=0; while [ ! -S /run/systemd/journal/socket ] && [ $i -lt 200 ]; do i=$((i+1)); sleep 0.05; done; \
+         exec \"$0\" run --listen 127.0.0.1:{port} --workers 300 --ready exec --log journald \
+         --control '{control}' -- sleep 1000",
+        pidfile = dir.join("stall.pid").display(),
+        port = free_port(),
+        control = control.display(),
+    );
+    let child = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", &script])
+        .arg(clusterctl())
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("RUNTIME_DIRECTORY")
+        .env_remove("XDG_RUNTIME_DIR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let sup = Raw { child, control };
+    let _stall = KillPid(dir.join("stall.pid"));
+    let log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let json = wait_for_or(
+        SECS(60),
+        || status_json(&sup.control).filter(|j| j.contains("300/300 workers ready")),
+        || format!("300 ready workers\n{}", log()),
+    );
+    assert!(
+        !json.contains("\"log_lines_dropped\":0,"),
+        "journald's queue filled and entries were dropped: {json}"
+    );
+    let old = slot_pid(&json, 7).unwrap();
+    kill(Pid::from_raw(old), Signal::SIGKILL).unwrap();
+    wait_for_or(
+        SECS(30),
+        || {
+            let json = status_json(&sup.control)?;
+            slot_pid(&json, 7).filter(|p| *p != old)
+        },
+        || {
+            format!(
+                "slot 7 replaced; status: {:?}\n{}",
+                ctl(&["status"], &sup.control),
+                log()
+            )
+        },
+    );
+}
