@@ -137,7 +137,8 @@ impl ControlSocket {
                 return Err(e).context(|| format!("cannot inspect --control {}", path.display()));
             }
         }
-        // Single-threaded here, so changing the process umask briefly is safe.
+        // Changing the process umask briefly is safe: the only other thread (the journald
+        // log thread) creates no files.
         let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
         let listener = UnixListener::bind(path);
         nix::sys::stat::umask(old);

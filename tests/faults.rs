@@ -711,8 +711,16 @@ fn reload_soak_under_load_is_clean() {
     assert_eq!(fds1, fds0, "fds stable over {done} reloads");
     assert_eq!(threads1, threads0, "threads stable");
     assert!(rss1 <= rss0 + 1024, "RSS {rss0} KiB -> {rss1} KiB");
-    let zombies = children_of(pid).into_iter().filter(|p| !alive(*p)).count();
-    assert_eq!(zombies, 0);
+    // The last old generation may still be exiting: every exited worker gets reaped.
+    wait_for_or(
+        SECS(20),
+        || {
+            let status = status_json(&sup.control)?;
+            let zombies = children_of(pid).into_iter().filter(|p| !alive(*p)).count();
+            (!status.contains("\"draining\"") && zombies == 0).then_some(())
+        },
+        || format!("no zombie children\n{}", sup.log()),
+    );
 }
 
 struct KillPid(PathBuf);
@@ -792,4 +800,57 @@ fn a_stalled_journald_does_not_stall_the_supervisor() {
             )
         },
     );
+}
+
+/// 12.3: the supervisor raises its soft fd limit to the hard limit; workers get the
+/// original soft limit back.
+#[test]
+fn workers_get_the_original_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    if hard < 1024 {
+        eprintln!("skipped: hard fd limit {hard} is below 1024");
+        return;
+    }
+    let dir = TempDir::new("nofile");
+    let control = dir.join("control.sock");
+    let script = format!(
+        "ulimit -S -n 512 && exec \"$0\" run --listen 127.0.0.1:{} --workers 1 --ready exec \
+         --log stderr --control '{}' -- sh -c 'ulimit -S -n > \"$1/soft\"; exec sleep 1000' sh '{}'",
+        free_port(),
+        control.display(),
+        dir.path().display()
+    );
+    let child = Command::new("sh")
+        .args(["-c", &script])
+        .arg(clusterctl())
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("RUNTIME_DIRECTORY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("supervisor.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let sup = Raw { child, control };
+    let soft = wait_for_or(
+        SECS(20),
+        || {
+            std::fs::read_to_string(dir.join("soft"))
+                .ok()
+                .filter(|s| s.ends_with('\n'))
+        },
+        || std::fs::read_to_string(dir.join("supervisor.log")).unwrap_or_default(),
+    );
+    assert_eq!(soft.trim(), "512", "the worker's soft limit");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", sup.pid())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let nums: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(
+        nums[0], nums[1],
+        "the supervisor's soft limit is the hard one: {line}"
+    );
+    assert_ne!(nums[0], "512", "{line}");
 }
