@@ -748,6 +748,13 @@ impl Executor {
                     g.track(pid, false);
                 }
             }
+            if self.guardian.as_ref().is_some_and(|g| g.pid() == pid) {
+                tracing::warn!(
+                    "the guardian process (pid {pid}) is gone: if the supervisor is SIGKILLed, \
+                     processes started by workers may outlive it"
+                );
+                self.guardian = None;
+            }
             let how = match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(_, code)) => ExitKind::Code(code),
                 Ok(WaitStatus::Signaled(_, sig, _)) => ExitKind::Signal(sig as i32),
