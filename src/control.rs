@@ -174,6 +174,7 @@ impl ControlSocket {
             })
             .take(40)
             .collect();
+        remove_dead_by_hand(&dir);
         ControlSocket::bind(&dir.join(format!("{name}.{}.sock", std::process::id())))
     }
 
@@ -233,6 +234,31 @@ pub fn by_hand_dir() -> PathBuf {
         PathBuf::from("/run/clusterctl")
     } else {
         std::env::temp_dir().join(format!("clusterctl-{uid}"))
+    }
+}
+
+/// Removes the sockets of by-hand supervisors that were killed (`NAME.PID.sock` whose PID
+/// no longer exists), so that `clusterctl status` does not trip over them.
+fn remove_dead_by_hand(dir: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        let pid = p
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.rsplit('.').next())
+            .and_then(|s| s.parse::<i32>().ok())
+            .filter(|p| *p > 0);
+        let dead = pid.is_some_and(|pid| {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) == Err(nix::Error::ESRCH)
+        });
+        let socket = std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_socket());
+        if dead && socket && p.extension().is_some_and(|x| x == "sock") {
+            let _ = std::fs::remove_file(&p);
+        }
     }
 }
 

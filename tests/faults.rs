@@ -679,6 +679,20 @@ fn a_supervisor_run_by_hand_is_found_by_status_without_arguments() {
             && out.contains(&b.control.display().to_string()),
         "{out}"
     );
+    // A SIGKILLed one leaves its socket: skipped by `status`, removed by the next start.
+    let mut b = b;
+    b.child.kill().unwrap();
+    b.child.wait().unwrap();
+    assert!(b.control.exists());
+    let (code, out) = status(&["status"]);
+    assert_eq!(code, 0, "only a is running: {out}");
+    drop(a);
+    let c = start("c");
+    assert!(
+        !b.control.exists(),
+        "the dead supervisor's socket is removed"
+    );
+    drop(c);
 }
 
 /// Held: 100 `reload --wait` back to back under load: no failed reload or request, and
