@@ -66,7 +66,7 @@ pub fn run(args: RunArgs) -> Result<u8> {
     // Sockets first: in bind mode they must land at fds 3.. before anything else opens fds.
     let (listeners, warnings) = sockets::acquire(&args.listen, args.reuse_port)?;
     let nofile = sys::raise_nofile();
-    // Forked before the log thread exists (and before any other fd is opened).
+    // Forked from the main thread before the log thread exists; it keeps none of our fds.
     let guardian = sys::Guardian::start();
     let log_warning = crate::log::init(args.log);
     for w in warnings.iter().chain(&log_warning) {
