@@ -614,6 +614,31 @@ mod tests {
     }
 
     #[test]
+    fn answers_never_block_on_a_client_that_does_not_read() {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        // Far more than a socket buffer holds.
+        let big = "x".repeat(8 << 20);
+        let started = Instant::now();
+        let mut pending = answer(ours, Ok(big)).expect("the rest waits for the reader");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "answer() did not block"
+        );
+        assert!(
+            !pending.flush(Instant::now()),
+            "still waiting for the reader"
+        );
+        assert!(pending.flush(pending.deadline), "given up at the deadline");
+        drop(theirs);
+        // A small answer is written at once.
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        assert!(answer(ours, Err("nope".into())).is_none());
+        let mut text = String::new();
+        theirs.read_to_string(&mut text).unwrap();
+        assert_eq!(text, "error nope\n");
+    }
+
+    #[test]
     fn locate_needs_a_name_or_path() {
         assert_eq!(choose(Vec::new()).unwrap_err().exit_code(), exit::USAGE);
         let two = vec![PathBuf::from("/a.sock"), PathBuf::from("/b.sock")];

@@ -582,7 +582,8 @@ impl Executor {
         let Some(control) = &self.control else {
             return ready;
         };
-        loop {
+        // Bounded per wake-up, so that a client flood cannot keep the loop here.
+        for _ in 0..1024 {
             match control.accept() {
                 Ok(None) => break,
                 Ok(Some(mut c)) => {
