@@ -24,6 +24,8 @@ use crate::error::exit;
 
 /// Runs clusterctl with these arguments and returns the process exit code.
 pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> u8 {
+    // Before anything opens a file: a closed fd 0-2 would be taken by the next socket.
+    sys::ensure_std_fds();
     let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => {
@@ -86,7 +88,9 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> u8 {
     match result {
         Ok(()) => exit::OK,
         Err(e) => {
-            eprintln!("clusterctl: error: {e}");
+            // Never println!/eprintln! (they panic when the stream is broken).
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "clusterctl: error: {e}");
             e.exit_code()
         }
     }
@@ -107,8 +111,7 @@ fn logs(a: &cli::LogsArgs) -> error::Result<()> {
     use std::os::unix::process::CommandExt;
     let args = a.journalctl_args();
     if a.print {
-        println!("journalctl {}", args.join(" "));
-        return Ok(());
+        return write_stdout(format!("journalctl {}\n", args.join(" ")).as_bytes());
     }
     let err = std::process::Command::new("journalctl").args(&args).exec();
     Err(error::Error::Io {
@@ -125,8 +128,8 @@ fn ctl(target: &cli::Target, request: control::Request) -> error::Result<()> {
     let timeout = (!waits).then(|| std::time::Duration::from_secs(10));
     let answer = control::call(&path, &request, timeout)?;
     let answer = answer.trim_end();
-    if !answer.is_empty() {
-        println!("{answer}");
+    if answer.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    write_stdout(format!("{answer}\n").as_bytes())
 }
