@@ -284,7 +284,7 @@ mod tests {
         assert_eq!(value(se, "LogRateLimitIntervalSec").as_deref(), Some("0"));
         assert_eq!(value(se, "Type").as_deref(), Some("notify"));
         assert!(
-            se.contains("3 start attempts x 1min (--ready-timeout) + 300ms backoff"),
+            se.contains("211s = 3 start attempts x --ready-timeout 1min\n# + 300ms backoff"),
             "{se}"
         );
         assert_eq!(value(se, "KillMode").as_deref(), Some("mixed"));

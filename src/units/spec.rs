@@ -708,8 +708,8 @@ impl UnitSpec {
             total.as_secs() + u64::from(total.subsec_nanos() > 0),
         ));
         let why = format!(
-            "{START_ATTEMPTS} start attempts x {} (--ready-timeout) + {} backoff between them \
-             + {} margin, rounded up",
+            "{START_ATTEMPTS} start attempts x --ready-timeout {}\n# + {} backoff between them \
+             + {} margin",
             Dur(attempt),
             Dur(backoff),
             Dur(margin)
