@@ -522,14 +522,15 @@ impl SupervisorOpts {
 }
 
 /// For a command line that clap refused: when `run` or `gen-units` got the worker command
-/// without `--` in front of it, the corrected line (the first place where inserting `--`
+/// without `--` in front of it, the corrected line (the last place where inserting `--`
 /// makes the line parse).
 pub fn missing_dashdash_hint(args: &[OsString]) -> Option<String> {
     let sub = args.iter().position(|a| a == "run" || a == "gen-units")?;
     if args.iter().any(|a| a == "--") {
         return None;
     }
-    for at in (sub + 1)..args.len() {
+    // From the right: the latest split that parses keeps the most words as options.
+    for at in ((sub + 1)..args.len()).rev() {
         let mut fixed: Vec<OsString> = args.to_vec();
         fixed.insert(at, "--".into());
         if Cli::try_parse_from(&fixed).is_ok() {

@@ -235,10 +235,8 @@ pub fn jit_runtime(command: &[String], host: &dyn Host) -> Option<String> {
         let (real, shebang) = host
             .inspect_program(Path::new(&program))
             .map_or((PathBuf::from(&program), None), |(r, s)| (r, s));
-        for name in [
-            base(&program),
-            &base(&real.display().to_string()).to_string(),
-        ] {
+        let real = real.display().to_string();
+        for name in [base(&program), base(&real)] {
             if let Some(what) = known(name) {
                 return Some(format!("{program} runs {what}"));
             }
@@ -565,16 +563,15 @@ impl UnitSpec {
             }
         };
 
-        let working_directory = match &args.working_directory {
-            Some(p) => absolute_path("--working-directory", p)?,
-            None => {
-                let dir = absolute_path("the current directory", &host.current_dir()?)?;
-                notes.push(format!(
-                    "WorkingDirectory={dir}: the directory gen-units runs in (give \
-                     --working-directory DIR for another)"
-                ));
-                dir
-            }
+        let working_directory = if let Some(p) = &args.working_directory {
+            absolute_path("--working-directory", p)?
+        } else {
+            let dir = absolute_path("the current directory", &host.current_dir()?)?;
+            notes.push(format!(
+                "WorkingDirectory={dir}: the directory gen-units runs in (give \
+                 --working-directory DIR for another)"
+            ));
+            dir
         };
         let environment_file = args
             .environment_file
