@@ -45,7 +45,7 @@ where
         text.parse::<T>().map_err(|e| {
             let name = arg.map_or_else(
                 || "the value".to_string(),
-                |a| format!("'--{}'", a.get_id()),
+                |a| format!("'--{}'", a.get_long().unwrap_or(a.get_id().as_str())),
             );
             clap::Error::raw(
                 clap::error::ErrorKind::ValueValidation,
@@ -56,11 +56,10 @@ where
     }
 
     fn possible_values(&self) -> Option<Box<dyn Iterator<Item = PossibleValue> + '_>> {
-        Some(Box::new(
-            self.values
-                .iter()
-                .map(|(v, help)| PossibleValue::new(*v).help(*help)),
-        ))
+        Some(Box::new(self.values.iter().map(|(v, help)| match *help {
+            "" => PossibleValue::new(*v),
+            help => PossibleValue::new(*v).help(help),
+        })))
     }
 }
 
@@ -339,7 +338,7 @@ pub struct SupervisorOpts {
     #[arg(long, value_name = "MIN..MAX", default_value = "100ms..30s")]
     pub restart_delay: RestartDelay,
 
-    /// Signal that asks a worker to drain and exit
+    /// Signal that asks a worker to drain and exit (any signal name or number)
     #[arg(long, value_name = "SIG", default_value = "TERM",
           value_parser = Hinted::<Sig>::new(SIGNAL_VALUES))]
     pub stop_signal: Sig,

@@ -92,6 +92,7 @@ fn usage_errors_exit_2_with_the_right_subcommand() {
     let o = run(&["run", "--stop-signal", "NOPE", "--", "x"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("unknown signal"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("'--stop-signal'"), "{}", stderr(&o));
 }
 
 #[test]
