@@ -275,18 +275,13 @@ fn hidden_by_sandbox(path: &str, private_tmp: bool, home_unreadable: bool) -> Op
 
 /// A path inside a cargo build directory (`…/target/debug/…`, `…/target/release/…`).
 fn in_build_dir(path: &str) -> bool {
+    // `target/PROFILE/FILE` or `target/TRIPLE/PROFILE/FILE`: a `target` directory with at
+    // least a profile directory below it before the file.
     let parts: Vec<&str> = path.split('/').collect();
-    parts.windows(2).any(|w| {
-        w[0] == "target"
-            && matches!(
-                w[1],
-                "debug"
-                    | "release"
-                    | "dist"
-                    | "x86_64-unknown-linux-gnu"
-                    | "aarch64-unknown-linux-gnu"
-            )
-    })
+    parts
+        .iter()
+        .position(|p| *p == "target")
+        .is_some_and(|i| parts.len() >= i + 3)
 }
 
 fn is_executable_file(path: &Path) -> bool {
@@ -826,6 +821,17 @@ pub(crate) mod tests {
         }
         assert!(check_app_name(&"a".repeat(66), true).is_ok());
         assert!(check_app_name(&"a".repeat(67), true).is_err());
+    }
+
+    #[test]
+    fn build_directories() {
+        assert!(in_build_dir("/src/app/target/release/clusterctl"));
+        assert!(in_build_dir(
+            "/x/target/x86_64-unknown-linux-gnu/dist/clusterctl"
+        ));
+        assert!(!in_build_dir("/usr/local/bin/clusterctl"));
+        assert!(!in_build_dir("/srv/target"));
+        assert!(!in_build_dir("/srv/target/app"));
     }
 
     #[test]
