@@ -493,8 +493,9 @@ impl SupervisorOpts {
         }
         if self.restart_delay.max.is_zero() {
             return Err(format!(
-                "--restart-delay {} would refill crashed slots in a busy loop: MAX must be \
-                 above 0 (default 100ms..30s)",
+                "--restart-delay {} means no backoff at all: a worker that crashes at start \
+                 would be respawned in a busy loop. MAX must be above 0 (default 100ms..30s; \
+                 0..1ms refills at once)",
                 self.restart_delay
             ));
         }
