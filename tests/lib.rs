@@ -2,6 +2,7 @@
 //! module is listed here, so they share one compilation and the `support`
 //! helpers (Cargo's `autotests` is off; see Cargo.toml).
 
+mod cli;
 mod faults;
 mod gen_units;
 mod policy;

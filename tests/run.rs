@@ -834,7 +834,7 @@ fn slow_control_client_does_not_stall_the_supervisor() {
     let dir = TempDir::new("slow-client");
     let sup = Run::new(&dir)
         .workers_on_free_port(1)
-        .args(&["--restart-delay", "0"])
+        .args(&["--restart-delay", "0..1ms"])
         .spawn();
     let first = sup.wait_workers(1, 1);
     let mut slow = std::os::unix::net::UnixStream::connect(&sup.control).unwrap();
@@ -883,7 +883,7 @@ fn a_stalled_log_reader_does_not_freeze_the_supervisor() {
             "--ready",
             "exec",
             "--restart-delay",
-            "0",
+            "0..1ms",
             "--log",
             "stderr",
             "--control",

@@ -63,6 +63,13 @@ const EXTEND_BY: Duration = Duration::from_secs(15);
 
 /// Runs the supervisor until it is stopped; returns the exit code.
 pub fn run(args: RunArgs) -> Result<u8> {
+    // Cross-option rules and socket path lengths, shared with gen-units (config errors, 78).
+    args.opts.validate().map_err(Error::Config)?;
+    crate::config::check_socket_paths(
+        args.control.as_deref(),
+        crate::config::runtime_directory().as_deref(),
+    )
+    .map_err(Error::Config)?;
     // Sockets first: in bind mode they must land at fds 3.. before anything else opens fds.
     let (listeners, warnings) = sockets::acquire(&args.listen, args.reuse_port)?;
     let nofile = sys::raise_nofile();
