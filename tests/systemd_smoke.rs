@@ -13,7 +13,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::support::systemd::Systemd;
+use crate::support::systemd::{Systemd, Version};
 use crate::support::{free_port, wait_until};
 
 /// Socket-activated worker: takes the listening socket as fd 3, reports
@@ -77,10 +77,26 @@ const HELPER_ENV: &str = "CLUSTERCTL_HARNESS_PDEATHSIG_HELPER";
 const HELPER_MARKER: &str = "HELPER PID1=";
 
 #[test]
-fn boots_and_reports_running() {
-    let Some(systemd) = Systemd::boot() else {
+fn boots_and_reports_running_252() {
+    boots_and_reports_running(Version::V252);
+}
+
+#[test]
+fn boots_and_reports_running_257() {
+    boots_and_reports_running(Version::V257);
+}
+
+fn boots_and_reports_running(version: Version) {
+    let Some(systemd) = Systemd::boot_version(version) else {
         return;
     };
+    assert_eq!(systemd.version(), version);
+    let banner = systemd.systemctl(&["--version"]);
+    let banner = String::from_utf8_lossy(&banner.stdout);
+    assert!(
+        banner.starts_with(&format!("systemd {} (", version.number())),
+        "PID 1 is not {version}: {banner}"
+    );
     let state = systemd.systemctl(&["is-system-running"]);
     let state = String::from_utf8_lossy(&state.stdout);
     assert!(
