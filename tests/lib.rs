@@ -4,6 +4,7 @@
 
 mod gen_units;
 mod run;
+mod servers;
 mod support;
 mod systemd_e2e;
 mod systemd_smoke;
