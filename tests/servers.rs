@@ -22,12 +22,12 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::support::cluster::{clusterctl, http_get, wait_for};
-use crate::support::free_port;
 use crate::support::load::{Load, Summary};
 use crate::support::systemd::{Systemd, Version};
+use crate::support::{free_port, poll_until};
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 /// Where the apps live inside the instance.
@@ -122,7 +122,7 @@ const NODE: Server = Server {
     name: "node",
     binary: "/usr/bin/node",
     files: &["app.js"],
-    flags: &["--ready", "after:1s"],
+    flags: &["--ready", "after:2s"],
     command: &["/usr/bin/node", "/srv/app/app.js"],
     broken: ("app.js", "throw new Error('broken deploy');\n"),
     lossless: true,
@@ -154,13 +154,28 @@ fn uvicorn_252() {
 }
 
 #[test]
+fn uvicorn_257() {
+    reloads_and_broken_deploy(Version::V257, &UVICORN);
+}
+
+#[test]
 fn puma_252() {
     reloads_and_broken_deploy(Version::V252, &PUMA);
 }
 
 #[test]
+fn puma_257() {
+    reloads_and_broken_deploy(Version::V257, &PUMA);
+}
+
+#[test]
 fn unicorn_252() {
     reloads_and_broken_deploy(Version::V252, &UNICORN);
+}
+
+#[test]
+fn unicorn_257() {
+    reloads_and_broken_deploy(Version::V257, &UNICORN);
 }
 
 #[test]
@@ -526,19 +541,20 @@ fn install(sd: &Systemd, server: &Server, port: u16, workers: u32, flags: &[&str
     wait_for("the first answer", SECS(30), || http_get(port, "/").ok());
 }
 
-/// Up to 400 requests until `want` distinct `pid=` values answered; returns them.
+/// Requests (for at most 30 s: a worker reported ready by `--ready after:` may still be
+/// booting) until `want` distinct `pid=` values answered; returns them.
 fn distinct_pids(port: u16, want: usize) -> std::collections::BTreeSet<String> {
     let mut seen = std::collections::BTreeSet::new();
-    for _ in 0..400 {
-        if let Ok(body) = http_get(port, "/")
-            && let Some(pid) = body.split_whitespace().find(|w| w.starts_with("pid="))
-        {
-            seen.insert(pid.to_string());
+    poll_until(Instant::now() + SECS(30), || {
+        for _ in 0..50 {
+            if let Ok(body) = http_get(port, "/")
+                && let Some(pid) = body.split_whitespace().find(|w| w.starts_with("pid="))
+            {
+                seen.insert(pid.to_string());
+            }
         }
-        if seen.len() >= want {
-            break;
-        }
-    }
+        seen.len() >= want
+    });
     seen
 }
 
