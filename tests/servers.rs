@@ -19,6 +19,7 @@
 //! installed makes its test print `SKIPPED` (and fail when `CI` is set: scripts/test.sh
 //! installs them all, in the host and in the 257 rootfs).
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -433,7 +434,6 @@ fn skip(sd: &Systemd, server: &Server, reason: &str) -> bool {
         sd.version(),
         server.name
     );
-    use std::io::Write as _;
     let _ = writeln!(
         std::io::stderr(),
         "SKIPPED: {} {}: {reason} (scripts/test.sh installs it; CI=true makes this a failure)",

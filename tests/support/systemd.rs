@@ -792,25 +792,24 @@ fn preflight(version: Version) -> Result<Option<PathBuf>, String> {
 /// `scripts/sd257-rootfs.sh path` says the current recipe's build lives. Errors name the
 /// command that builds it.
 pub fn rootfs_257() -> Result<PathBuf, String> {
-    let rootfs = match std::env::var_os("CLUSTERCTL_SD257_ROOTFS") {
-        Some(path) => PathBuf::from(path),
-        None => {
-            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/sd257-rootfs.sh");
-            let output = output_with_deadline(
-                Command::new("bash").arg(&script).arg("path"),
-                None,
-                COMMAND_TIMEOUT,
-            )
-            .map_err(|err| format!("running {}: {err}", script.display()))?;
-            if !output.status.success() {
-                return Err(format!(
-                    "{} path failed: {}",
-                    script.display(),
-                    String::from_utf8_lossy(&output.stderr).trim()
-                ));
-            }
-            PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
+    let rootfs = if let Some(path) = std::env::var_os("CLUSTERCTL_SD257_ROOTFS") {
+        PathBuf::from(path)
+    } else {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/sd257-rootfs.sh");
+        let output = output_with_deadline(
+            Command::new("bash").arg(&script).arg("path"),
+            None,
+            COMMAND_TIMEOUT,
+        )
+        .map_err(|err| format!("running {}: {err}", script.display()))?;
+        if !output.status.success() {
+            return Err(format!(
+                "{} path failed: {}",
+                script.display(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            ));
         }
+        PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
     };
     if rootfs.join("usr/lib/systemd/systemd").is_file() {
         Ok(rootfs)
