@@ -67,7 +67,7 @@ const UVICORN: Server = Server {
     name: "uvicorn",
     binary: "/usr/lib/python3/dist-packages/uvicorn/__main__.py",
     files: &["asgi.py"],
-    flags: &["--ready", "after:2s"],
+    flags: &["--ready", "after:5s"],
     command: &[
         "/usr/bin/python3",
         "-m",
@@ -87,7 +87,7 @@ const PUMA: Server = Server {
     name: "puma",
     binary: "/usr/bin/puma",
     files: &["config.ru"],
-    flags: &["--ready", "after:2s"],
+    flags: &["--ready", "after:5s"],
     command: &[
         "/usr/bin/puma",
         "--bind-to-activated-sockets",
@@ -106,7 +106,7 @@ const UNICORN: Server = Server {
     name: "unicorn",
     binary: "/usr/bin/unicorn",
     files: &["config.ru", "unicorn.conf.rb"],
-    flags: &["--ready", "after:2s", "--stop-signal", "QUIT"],
+    flags: &["--ready", "after:5s", "--stop-signal", "QUIT"],
     command: &[
         "/usr/bin/unicorn",
         "--env",
@@ -123,7 +123,7 @@ const NODE: Server = Server {
     name: "node",
     binary: "/usr/bin/node",
     files: &["app.js"],
-    flags: &["--ready", "after:2s"],
+    flags: &["--ready", "after:5s"],
     command: &["/usr/bin/node", "/srv/app/app.js"],
     broken: ("app.js", "throw new Error('broken deploy');\n"),
     lossless: true,
@@ -219,7 +219,7 @@ fn one_slot_gunicorn_252() {
 fn one_slot_puma_252() {
     one_slot(
         &PUMA,
-        &["--ready", "after:3s"],
+        &["--ready", "after:5s"],
         &[
             "/usr/bin/puma",
             "--workers",
@@ -241,7 +241,7 @@ fn one_slot_unicorn_252() {
         &UNICORN,
         &[
             "--ready",
-            "after:3s",
+            "after:5s",
             "--stop-signal",
             "QUIT",
             "--environment",
@@ -541,21 +541,31 @@ fn install(sd: &Systemd, server: &Server, port: u16, workers: u32, flags: &[&str
     wait_for("the first answer", SECS(30), || http_get(port, "/").ok());
 }
 
-/// Requests (for at most 30 s: a worker reported ready by `--ready after:` may still be
-/// booting) until `want` distinct `pid=` values answered; returns them.
+/// Requests from 6 threads at once (for at most 30 s: a worker reported ready by
+/// `--ready after:` may still be booting) until `want` distinct `pid=` values answered;
+/// returns them. Concurrent on purpose: servers that wait in poll/epoll (unicorn, Puma)
+/// let the same hot process win every accept when one client asks one request at a time.
 fn distinct_pids(port: u16, want: usize) -> std::collections::BTreeSet<String> {
-    let mut seen = std::collections::BTreeSet::new();
-    poll_until(Instant::now() + SECS(30), || {
-        for _ in 0..50 {
-            if let Ok(body) = http_get(port, "/")
-                && let Some(pid) = body.split_whitespace().find(|w| w.starts_with("pid="))
-            {
-                seen.insert(pid.to_string());
-            }
+    let seen = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let deadline = Instant::now() + SECS(30);
+    std::thread::scope(|scope| {
+        for _ in 0..6 {
+            scope.spawn(|| {
+                poll_until(deadline, || {
+                    for _ in 0..20 {
+                        if let Ok(body) = http_get(port, "/")
+                            && let Some(pid) =
+                                body.split_whitespace().find(|w| w.starts_with("pid="))
+                        {
+                            seen.lock().unwrap().insert(pid.to_string());
+                        }
+                    }
+                    seen.lock().unwrap().len() >= want
+                });
+            });
         }
-        seen.len() >= want
     });
-    seen
+    seen.into_inner().unwrap()
 }
 
 fn status_json(sd: &Systemd, app: &str) -> String {
