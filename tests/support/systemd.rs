@@ -1,7 +1,9 @@
-//! A throw-away, real systemd (the host's own `/lib/systemd/systemd`) running as
-//! PID 1 in private namespaces, so integration tests can install units,
-//! start/stop/reload them and read the journal exactly as clusterctl will in
-//! production, without a VM and without touching the host's service manager.
+//! A throw-away, real systemd running as PID 1 in private namespaces, so integration
+//! tests can install units, start/stop/reload them and read the journal exactly as
+//! clusterctl will in production, without a VM and without touching the host's service
+//! manager. Two versions ([`Version`]): the host's own systemd 252
+//! (`/lib/systemd/systemd`, [`Systemd::boot`]) and Debian 13's 257 from a cached rootfs
+//! ([`Systemd::boot_version`]; see "systemd 257" below). Both have the same API.
 //!
 //! # How an instance is built
 //!
@@ -62,6 +64,20 @@
 //! was SIGKILLed are swept by the next boot (owner pid no longer alive). The
 //! empty parent `clusterctl-harness` cgroup is left in place on purpose
 //! (removing it would race with a concurrent boot).
+//!
+//! # systemd 257
+//!
+//! Same recipe (verified in `../shared/systemd-257/`), with three differences: the
+//! overlay's lower layer is a Debian 13 rootfs built by `scripts/sd257-rootfs.sh build`
+//! (mmdebstrap, cached under `/var/cache/clusterctl-tests/sd257-<hash of recipe and
+//! packages>`, built by `scripts/test.sh` before the tests; a missing rootfs is a SKIP,
+//! or a failure in CI), so nothing of the host is visible inside except the checkout and
+//! the build output under [`Systemd::path`]; the launcher joins the instance's cgroup in
+//! the host's cgroup2 hierarchy before `unshare --cgroup`, and the boot script replaces
+//! `/sys/fs/cgroup` by a cgroup2 mount of that namespace, so 257 sees a pure unified
+//! hierarchy rooted at its own directory (instances stay isolated and may run in
+//! parallel; no controller is available inside, as for 252); and the instance gets its
+//! own machine id. The host's binaries (glibc 2.36) run on trixie's glibc 2.41.
 //!
 //! # Lifetime
 //!
