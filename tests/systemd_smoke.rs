@@ -1,7 +1,8 @@
 //! Smoke tests for the systemd test harness (`support::systemd`): they prove
-//! that an instance boots, runs socket-activated `Type=notify` services (also
-//! heavily sandboxed ones), keeps parallel instances apart and leaves nothing
-//! behind on the host, so later integration tests can rely on it.
+//! that an instance boots (systemd 252; the `_257` variants also 257), runs
+//! socket-activated `Type=notify` services (also heavily sandboxed ones), keeps
+//! parallel instances apart and leaves nothing behind on the host, so later
+//! integration tests can rely on it.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -161,8 +162,17 @@ fn socket_activation_end_to_end() {
 }
 
 #[test]
-fn hardened_service_with_dynamic_user_and_private_users() {
-    let Some(systemd) = Systemd::boot() else {
+fn hardened_service_with_dynamic_user_and_private_users_252() {
+    hardened_service_with_dynamic_user_and_private_users(Version::V252);
+}
+
+#[test]
+fn hardened_service_with_dynamic_user_and_private_users_257() {
+    hardened_service_with_dynamic_user_and_private_users(Version::V257);
+}
+
+fn hardened_service_with_dynamic_user_and_private_users(version: Version) {
+    let Some(systemd) = Systemd::boot_version(version) else {
         return;
     };
     let port = install_worker(&systemd, "hardened", HARDENING);
@@ -193,9 +203,18 @@ fn hardened_service_with_dynamic_user_and_private_users() {
 }
 
 #[test]
-fn teardown_leaves_nothing_behind() {
+fn teardown_leaves_nothing_behind_252() {
+    teardown_leaves_nothing_behind(Version::V252);
+}
+
+#[test]
+fn teardown_leaves_nothing_behind_257() {
+    teardown_leaves_nothing_behind(Version::V257);
+}
+
+fn teardown_leaves_nothing_behind(version: Version) {
     let mounts_before = host_mounts();
-    let Some(systemd) = Systemd::boot() else {
+    let Some(systemd) = Systemd::boot_version(version) else {
         return;
     };
     let pid1 = systemd.pid1();
