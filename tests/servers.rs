@@ -36,10 +36,10 @@ const APP_DIR: &str = "/srv/app";
 
 /// One server recipe: what to deploy, the gen-units flags and the worker command.
 struct Server {
-    /// Unit name, and the `server=` word of its answers.
+    /// Unit name.
     name: &'static str,
-    /// Must exist inside the instance (else the test is skipped, or fails in CI).
-    /// (`test -e`)
+    /// A file that must exist inside the instance (else the test is skipped, or fails in
+    /// CI).
     binary: &'static str,
     /// Files of `tests/servers/` deployed to `/srv/app` before the start.
     files: &'static [&'static str],
