@@ -4,7 +4,7 @@
 //!
 //! Failures are counted by kind: `connect_failed` (refused or otherwise not connected),
 //! `reset` (ECONNRESET or another read/write error), `short` (EOF before the whole answer),
-//! `timed_out` (no answer within 10 s, or a connect that timed out), `bad_status`.
+//! `timed_out` (no answer within 30 s, or a connect that timed out), `bad_status`.
 //!
 //! Like every real HTTP client (RFC 9112 §9.3.1), a request on a *reused* keep-alive
 //! connection that the server closed before sending any byte of the answer is retried once
@@ -52,7 +52,7 @@ pub struct Load {
 }
 
 /// How long a request may wait for its answer before it counts as timed out.
-const READ_TIMEOUT: Duration = Duration::from_secs(10);
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 enum Outcome {
     Ok(String),
