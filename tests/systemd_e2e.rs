@@ -336,7 +336,7 @@ fn watchdog_restarts_a_hung_supervisor_and_queued_connections_are_served(version
     wait_for("the first answer", SECS(30), || http_get(port, "/").ok());
     let main = sd.unit_property("wapp.service", "MainPID");
     inside(&sd, &["kill", "-STOP", &main]);
-    sd.wait_for("the watchdog to fire", SECS(30), || {
+    sd.wait_for("the watchdog to fire", SECS(60), || {
         sd.unit_property("wapp.service", "ActiveState") != "active"
     });
     // A connection made while the service is being killed waits in the socket's queue.
