@@ -7,6 +7,7 @@ mod faults;
 mod gen_units;
 mod policy;
 mod run;
+mod servers;
 mod support;
 mod systemd_e2e;
 mod systemd_smoke;
