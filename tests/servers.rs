@@ -58,7 +58,16 @@ const GUNICORN: Server = Server {
     binary: "/usr/bin/gunicorn",
     files: &["wsgi.py"],
     flags: &[],
-    command: &["/usr/bin/gunicorn", "--chdir", APP_DIR, "wsgi:app"],
+    // `--preload`: the master imports the app before it sends READY=1, so a deploy that
+    // cannot load fails its start at once (README "Servers"); without it only
+    // `--min-uptime` can tell, and the import may take longer than that on a loaded host.
+    command: &[
+        "/usr/bin/gunicorn",
+        "--preload",
+        "--chdir",
+        APP_DIR,
+        "wsgi:app",
+    ],
     broken: ("wsgi.py", "raise ImportError('broken deploy')\n"),
     lossless: true,
 };
