@@ -3,6 +3,7 @@
 //! helpers (Cargo's `autotests` is off; see Cargo.toml).
 
 mod gen_units;
+mod package;
 mod policy;
 mod run;
 mod support;

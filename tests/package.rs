@@ -1,0 +1,342 @@
+//! The Debian package (`scripts/build-deb.sh`) inside a real systemd (see
+//! `support::systemd`): `dpkg -i` into the throw-away instance, the README's "Under
+//! systemd" steps with the packaged `/usr/bin/clusterctl` as gen-units' default
+//! `--clusterctl`, the man pages and shell completions where `man` and the shells look for
+//! them, and `apt-get remove` leaving none of the package's files behind.
+//!
+//! The package is built by running `scripts/build-deb.sh` (which `scripts/test.sh` runs
+//! before the tests, so here it only re-packages: a no-op cargo build, about 2 s). Run on
+//! its own it may first build the dist binary and install cargo-deb (minutes, once).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::support::cluster::{http_get, wait_for};
+use crate::support::free_port;
+use crate::support::output_with_deadline;
+use crate::support::systemd::Systemd;
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+/// A cold build (cargo-deb install + fat-LTO dist build) on a loaded 2-core machine.
+const BUILD_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+const APP: &str = "pkgapp";
+
+/// Builds the package with `scripts/build-deb.sh`; returns its host path.
+fn build_deb() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let started = Instant::now();
+    let out = output_with_deadline(
+        Command::new("bash").arg(root.join("scripts/build-deb.sh")),
+        None,
+        BUILD_TIMEOUT,
+    )
+    .expect("running scripts/build-deb.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "scripts/build-deb.sh failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    let deb = PathBuf::from(stdout.lines().last().unwrap_or_default());
+    eprintln!(
+        "package: {} built in {} ms ({})",
+        deb.display(),
+        started.elapsed().as_millis(),
+        stderr.trim_end()
+    );
+    let name = deb.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let version = env!("CARGO_PKG_VERSION");
+    assert!(
+        name.starts_with(&format!("clusterctl_{version}_")) && name.ends_with(".deb"),
+        "package name {name:?} is not clusterctl_{version}_ARCH.deb"
+    );
+    assert!(deb.is_file(), "{} does not exist", deb.display());
+    deb
+}
+
+/// Runs a command inside; panics with its output unless it succeeds; returns stdout.
+fn inside(sd: &Systemd, argv: &[&str]) -> String {
+    let out = sd.run(argv);
+    assert!(
+        out.status.success(),
+        "{argv:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// True if `path` exists inside the instance (as anything, symlinks included).
+fn exists_inside(sd: &Systemd, path: &str) -> bool {
+    sd.run(&["/bin/sh", "-c", r#"[ -e "$1" ] || [ -L "$1" ]"#, "sh", path])
+        .status
+        .success()
+}
+
+/// The worker pids that answer `/` on `port`, over up to 400 requests.
+fn answering_pids(port: u16, want: usize) -> std::collections::HashSet<String> {
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..400 {
+        if let Ok(body) = http_get(port, "/")
+            && let Some(pid) = body.split_whitespace().find(|w| w.starts_with("pid="))
+        {
+            seen.insert(pid.to_string());
+        }
+        if seen.len() >= want {
+            break;
+        }
+    }
+    seen
+}
+
+/// The files (not directories) the installed package owns, per `dpkg -L`.
+fn package_files(sd: &Systemd) -> Vec<String> {
+    let listing = inside(sd, &["dpkg", "-L", "clusterctl"]);
+    listing
+        .lines()
+        .filter(|path| {
+            sd.run(&["/bin/sh", "-c", r#"[ ! -d "$1" ]"#, "sh", path])
+                .status
+                .success()
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Man pages: `man -w` resolves every page the package ships (when man-db is there), and
+/// each is a gzipped roff page for its own name.
+fn check_man_pages(sd: &Systemd, files: &[String]) {
+    let pages: Vec<&String> = files
+        .iter()
+        .filter(|f| f.starts_with("/usr/share/man/man1/") && f.ends_with(".1.gz"))
+        .collect();
+    assert!(
+        pages.contains(&&"/usr/share/man/man1/clusterctl.1.gz".to_owned()),
+        "no clusterctl.1.gz among {files:?}"
+    );
+    let has_man = exists_inside(sd, "/usr/bin/man");
+    for page in pages {
+        let name = page
+            .trim_start_matches("/usr/share/man/man1/")
+            .trim_end_matches(".1.gz");
+        let roff = inside(sd, &["zcat", page]);
+        assert!(
+            roff.contains(&format!(".TH {name} 1")),
+            "{page} is not the man page of {name}:\n{}",
+            &roff[..roff.len().min(300)]
+        );
+        if has_man {
+            let found = inside(sd, &["man", "-w", name]);
+            assert_eq!(found.trim_end(), page.as_str(), "man -w {name}");
+        }
+    }
+    if has_man {
+        let text = inside(
+            sd,
+            &["/bin/sh", "-c", "MANPAGER=cat MANWIDTH=80 man clusterctl"],
+        );
+        assert!(text.contains("gen-units"), "man clusterctl:\n{text}");
+    } else {
+        eprintln!("package: man-db not installed in the instance: checked the page files only");
+    }
+}
+
+/// Completions: bash completes the subcommands from the packaged file (loaded the way
+/// bash-completion loads it when that is installed); zsh and fish files are where those
+/// shells look, and are checked by the shells themselves when installed.
+fn check_completions(sd: &Systemd) {
+    let bash_file = "/usr/share/bash-completion/completions/clusterctl";
+    let load = if exists_inside(sd, "/usr/share/bash-completion/bash_completion") {
+        // bash-completion's own on-demand loader finds the file by the command's name.
+        ". /usr/share/bash-completion/bash_completion && __load_completion clusterctl"
+    } else {
+        eprintln!("package: bash-completion not installed: sourcing {bash_file} directly");
+        ". /usr/share/bash-completion/completions/clusterctl"
+    };
+    let script = format!(
+        "{load} && complete -p clusterctl && COMP_WORDS=(clusterctl ''); COMP_CWORD=1; \
+         COMP_LINE='clusterctl '; COMP_POINT=11; \"$(complete -p clusterctl | \
+         sed -n 's/.*-F \\([^ ]*\\).*/\\1/p')\" clusterctl '' clusterctl; \
+         printf '%s\\n' \"${{COMPREPLY[@]}}\""
+    );
+    let words = inside(sd, &["bash", "-c", &script]);
+    for sub in ["run", "gen-units", "reload", "status", "man", "completions"] {
+        assert!(
+            words.lines().any(|w| w == sub),
+            "bash does not complete `clusterctl {sub}`:\n{words}"
+        );
+    }
+
+    let zsh_file = "/usr/share/zsh/vendor-completions/_clusterctl";
+    let zsh = inside(sd, &["head", "-n", "1", zsh_file]);
+    assert_eq!(zsh.trim_end(), "#compdef clusterctl", "{zsh_file}");
+    if exists_inside(sd, "/usr/bin/zsh") {
+        let func = inside(
+            sd,
+            &[
+                "zsh",
+                "-c",
+                "autoload -Uz compinit && compinit -u -D && print -r -- $_comps[clusterctl]",
+            ],
+        );
+        assert_eq!(func.trim_end(), "_clusterctl", "zsh's compinit finds it");
+    }
+
+    let fish_file = "/usr/share/fish/vendor_completions.d/clusterctl.fish";
+    let fish = inside(sd, &["cat", fish_file]);
+    assert!(fish.contains("complete -c clusterctl"), "{fish_file}");
+    if exists_inside(sd, "/usr/bin/fish") {
+        let words = inside(sd, &["fish", "-c", "complete -C 'clusterctl '"]);
+        assert!(words.contains("gen-units"), "fish completes:\n{words}");
+    }
+}
+
+/// The README's "Under systemd" steps with the packaged binary and gen-units' default
+/// `--clusterctl`: the unit runs /usr/bin/clusterctl, several workers answer, and
+/// `systemctl reload` replaces them.
+fn check_under_systemd(sd: &Systemd) {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let worker =
+        Systemd::path(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/workers/pyworker.py"));
+    inside(
+        sd,
+        &[
+            "clusterctl",
+            "gen-units",
+            APP,
+            "-o",
+            "/etc/systemd/system",
+            "--listen",
+            &listen,
+            "--workers",
+            "3",
+            "--",
+            "/usr/bin/python3",
+            &worker,
+        ],
+    );
+    let service = inside(sd, &["cat", &format!("/etc/systemd/system/{APP}.service")]);
+    let exec_start = service
+        .lines()
+        .find(|l| l.starts_with("ExecStart="))
+        .unwrap_or_default();
+    assert!(
+        exec_start.starts_with("ExecStart=/usr/bin/clusterctl run "),
+        "the unit does not run the packaged binary: {exec_start}"
+    );
+    sd.systemctl_ok(&["daemon-reload"]);
+    sd.systemctl_ok(&["enable", "--now", &format!("{APP}.socket")]);
+
+    let body = wait_for("the first answer", SECS(30), || http_get(port, "/").ok());
+    assert!(body.contains("generation=1"), "{body}");
+    sd.wait_for(&format!("{APP} to be active"), SECS(30), || {
+        sd.unit_property(&format!("{APP}.service"), "ActiveState") == "active"
+    });
+    let first = answering_pids(port, 3);
+    assert_eq!(first.len(), 3, "three workers answer: {first:?}");
+    let main_pid = sd.unit_property(&format!("{APP}.service"), "MainPID");
+    let status = inside(sd, &["clusterctl", "status", "--json", APP]);
+    assert!(status.contains("\"generation\":1,"), "{status}");
+
+    sd.systemctl_ok(&["reload", APP]);
+    let body = wait_for("an answer from generation 2", SECS(30), || {
+        http_get(port, "/")
+            .ok()
+            .filter(|b| b.contains("generation=2"))
+    });
+    assert!(body.contains("lang=python"), "{body}");
+    let second = answering_pids(port, 3);
+    assert_eq!(second.len(), 3, "three new workers answer: {second:?}");
+    assert!(
+        first.is_disjoint(&second),
+        "the reload replaced every worker: {first:?} then {second:?}"
+    );
+    assert_eq!(
+        sd.unit_property(&format!("{APP}.service"), "MainPID"),
+        main_pid,
+        "the supervisor's pid survives the reload"
+    );
+
+    sd.systemctl_ok(&[
+        "disable",
+        "--now",
+        &format!("{APP}.socket"),
+        &format!("{APP}.service"),
+    ]);
+}
+
+/// The whole life of the package in one instance: install, use, remove.
+fn install_use_remove(sd: &Systemd, deb: &Path) {
+    let deb_inside = Systemd::path(deb);
+    inside(sd, &["dpkg", "-i", &deb_inside]);
+    let version = inside(sd, &["clusterctl", "--version"]);
+    assert_eq!(
+        version.trim_end(),
+        format!("clusterctl {}", env!("CARGO_PKG_VERSION"))
+    );
+    assert_eq!(
+        inside(sd, &["/bin/sh", "-c", "command -v clusterctl"]).trim_end(),
+        "/usr/bin/clusterctl"
+    );
+
+    let files = package_files(sd);
+    for expected in [
+        "/usr/bin/clusterctl",
+        "/usr/share/man/man1/clusterctl.1.gz",
+        "/usr/share/bash-completion/completions/clusterctl",
+        "/usr/share/zsh/vendor-completions/_clusterctl",
+        "/usr/share/fish/vendor_completions.d/clusterctl.fish",
+        "/usr/share/doc/clusterctl/copyright",
+    ] {
+        assert!(
+            files.iter().any(|f| f == expected),
+            "{expected} is not in the package: {files:?}"
+        );
+        assert!(exists_inside(sd, expected), "{expected} was not installed");
+    }
+    let copyright = inside(sd, &["cat", "/usr/share/doc/clusterctl/copyright"]);
+    assert!(
+        copyright.contains("License: MIT or Apache-2.0"),
+        "{copyright}"
+    );
+
+    check_man_pages(sd, &files);
+    check_completions(sd);
+    check_under_systemd(sd);
+
+    inside(sd, &["apt-get", "remove", "-y", "clusterctl"]);
+    let left: Vec<&String> = files.iter().filter(|f| exists_inside(sd, f)).collect();
+    assert!(left.is_empty(), "apt-get remove left {left:?}");
+    for dir in ["/usr/share/doc/clusterctl"] {
+        assert!(!exists_inside(sd, dir), "apt-get remove left {dir}");
+    }
+    // No conffiles, so nothing is kept for a purge: dpkg forgets the package entirely.
+    let status = sd.run(&["dpkg-query", "-W", "-f=${db:Status-Abbrev}", "clusterctl"]);
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert!(
+        status.is_empty() || status.starts_with("un"),
+        "dpkg still knows clusterctl after removal: {status:?}"
+    );
+    assert!(
+        !sd.run(&["/bin/sh", "-c", "command -v clusterctl"])
+            .status
+            .success(),
+        "clusterctl is still on PATH"
+    );
+}
+
+#[test]
+fn deb_installs_serves_reloads_and_removes_cleanly() {
+    let Some(sd) = Systemd::boot() else { return };
+    let deb = build_deb();
+    let started = Instant::now();
+    install_use_remove(&sd, &deb);
+    eprintln!(
+        "package: install, use and remove took {} ms",
+        started.elapsed().as_millis()
+    );
+}
