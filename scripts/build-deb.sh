@@ -26,8 +26,9 @@ assets=target/deb-assets
 rm -rf "$assets"
 mkdir -p "$assets/man" "$assets/completions"
 # One page per subcommand where `clusterctl man` can write them (`--dir`), else the one page.
-if "$bin" man --help | grep -q -- '--dir'; then
-    "$bin" man --dir "$assets/man"
+man_help="$("$bin" man --help)"
+if [[ "$man_help" == *--dir* ]]; then
+    "$bin" man --dir "$assets/man" >&2
 else
     "$bin" man > "$assets/man/clusterctl.1"
 fi

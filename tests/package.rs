@@ -46,11 +46,20 @@ fn build_deb() -> PathBuf {
         started.elapsed().as_millis(),
         stderr.trim_end()
     );
-    let name = deb.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-    let version = env!("CARGO_PKG_VERSION");
-    assert!(
-        name.starts_with(&format!("clusterctl_{version}_")) && name.ends_with(".deb"),
-        "package name {name:?} is not clusterctl_{version}_ARCH.deb"
+    let arch = Command::new("dpkg")
+        .arg("--print-architecture")
+        .output()
+        .expect("running dpkg --print-architecture");
+    let arch = String::from_utf8_lossy(&arch.stdout);
+    let expected = format!(
+        "clusterctl_{}_{}.deb",
+        env!("CARGO_PKG_VERSION"),
+        arch.trim()
+    );
+    assert_eq!(
+        deb.file_name().and_then(|n| n.to_str()),
+        Some(expected.as_str()),
+        "the package's name"
     );
     assert!(deb.is_file(), "{} does not exist", deb.display());
     deb
@@ -92,18 +101,46 @@ fn answering_pids(port: u16, want: usize) -> std::collections::HashSet<String> {
     seen
 }
 
-/// The files (not directories) the installed package owns, per `dpkg -L`.
-fn package_files(sd: &Systemd) -> Vec<String> {
-    let listing = inside(sd, &["dpkg", "-L", "clusterctl"]);
-    listing
+/// What the package contains, per `dpkg-deb --contents`: (files, directories), as
+/// absolute paths without a trailing slash (symlinks count as files).
+fn package_contents(sd: &Systemd, deb_inside: &str) -> (Vec<String>, Vec<String>) {
+    let listing = inside(sd, &["dpkg-deb", "--contents", deb_inside]);
+    let (mut files, mut dirs) = (Vec::new(), Vec::new());
+    for line in listing.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (Some(mode), Some(path)) = (fields.first(), fields.get(5)) else {
+            panic!("unexpected `dpkg-deb --contents` line: {line:?}");
+        };
+        let path = path.trim_start_matches('.').trim_end_matches('/');
+        if path.is_empty() {
+            continue;
+        }
+        if mode.starts_with('d') {
+            dirs.push(path.to_owned());
+        } else {
+            files.push(path.to_owned());
+        }
+    }
+    (files, dirs)
+}
+
+/// The subcommands `clusterctl --help` lists (without clap's `help`).
+fn subcommands(sd: &Systemd) -> Vec<String> {
+    let help = inside(sd, &["clusterctl", "--help"]);
+    let subs: Vec<String> = help
         .lines()
-        .filter(|path| {
-            sd.run(&["/bin/sh", "-c", r#"[ ! -d "$1" ]"#, "sh", path])
-                .status
-                .success()
-        })
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|name| *name != "help")
         .map(str::to_owned)
-        .collect()
+        .collect();
+    assert!(
+        subs.len() >= 5,
+        "no subcommands in `clusterctl --help`:\n{help}"
+    );
+    subs
 }
 
 /// Man pages: `man -w` resolves every page the package ships (when man-db is there), and
@@ -117,6 +154,13 @@ fn check_man_pages(sd: &Systemd, files: &[String]) {
         pages.contains(&&"/usr/share/man/man1/clusterctl.1.gz".to_owned()),
         "no clusterctl.1.gz among {files:?}"
     );
+    // A binary whose `man` writes one page per subcommand (`--dir`) ships them all.
+    if inside(sd, &["clusterctl", "man", "--help"]).contains("--dir") {
+        for sub in subcommands(sd) {
+            let page = format!("/usr/share/man/man1/clusterctl-{sub}.1.gz");
+            assert!(pages.contains(&&page), "no {page} among {files:?}");
+        }
+    }
     let has_man = exists_inside(sd, "/usr/bin/man");
     for page in pages {
         let name = page
@@ -272,18 +316,7 @@ fn check_under_systemd(sd: &Systemd) {
 /// The whole life of the package in one instance: install, use, remove.
 fn install_use_remove(sd: &Systemd, deb: &Path) {
     let deb_inside = Systemd::path(deb);
-    inside(sd, &["dpkg", "-i", &deb_inside]);
-    let version = inside(sd, &["clusterctl", "--version"]);
-    assert_eq!(
-        version.trim_end(),
-        format!("clusterctl {}", env!("CARGO_PKG_VERSION"))
-    );
-    assert_eq!(
-        inside(sd, &["/bin/sh", "-c", "command -v clusterctl"]).trim_end(),
-        "/usr/bin/clusterctl"
-    );
-
-    let files = package_files(sd);
+    let (files, dirs) = package_contents(sd, &deb_inside);
     for expected in [
         "/usr/bin/clusterctl",
         "/usr/share/man/man1/clusterctl.1.gz",
@@ -296,8 +329,31 @@ fn install_use_remove(sd: &Systemd, deb: &Path) {
             files.iter().any(|f| f == expected),
             "{expected} is not in the package: {files:?}"
         );
-        assert!(exists_inside(sd, expected), "{expected} was not installed");
     }
+    // The directories only the package brings (e.g. fish's, when fish is not installed)
+    // must go with it.
+    let new_dirs: Vec<&String> = dirs.iter().filter(|d| !exists_inside(sd, d)).collect();
+    assert!(
+        new_dirs.iter().any(|d| *d == "/usr/share/doc/clusterctl"),
+        "/usr/share/doc/clusterctl existed before the install: {dirs:?}"
+    );
+
+    inside(sd, &["dpkg", "-i", &deb_inside]);
+    let missing: Vec<&String> = files
+        .iter()
+        .chain(&dirs)
+        .filter(|f| !exists_inside(sd, f))
+        .collect();
+    assert!(missing.is_empty(), "dpkg -i did not install {missing:?}");
+    let version = inside(sd, &["clusterctl", "--version"]);
+    assert_eq!(
+        version.trim_end(),
+        format!("clusterctl {}", env!("CARGO_PKG_VERSION"))
+    );
+    assert_eq!(
+        inside(sd, &["/bin/sh", "-c", "command -v clusterctl"]).trim_end(),
+        "/usr/bin/clusterctl"
+    );
     let copyright = inside(sd, &["cat", "/usr/share/doc/clusterctl/copyright"]);
     assert!(
         copyright.contains("License: MIT or Apache-2.0"),
@@ -309,11 +365,12 @@ fn install_use_remove(sd: &Systemd, deb: &Path) {
     check_under_systemd(sd);
 
     inside(sd, &["apt-get", "remove", "-y", "clusterctl"]);
-    let left: Vec<&String> = files.iter().filter(|f| exists_inside(sd, f)).collect();
+    let left: Vec<&String> = files
+        .iter()
+        .chain(new_dirs)
+        .filter(|f| exists_inside(sd, f))
+        .collect();
     assert!(left.is_empty(), "apt-get remove left {left:?}");
-    for dir in ["/usr/share/doc/clusterctl"] {
-        assert!(!exists_inside(sd, dir), "apt-get remove left {dir}");
-    }
     // No conffiles, so nothing is kept for a purge: dpkg forgets the package entirely.
     let status = sd.run(&["dpkg-query", "-W", "-f=${db:Status-Abbrev}", "clusterctl"]);
     let status = String::from_utf8_lossy(&status.stdout).into_owned();
