@@ -19,6 +19,11 @@ if ! cargo deb --version >/dev/null 2>&1; then
     cargo install cargo-deb --version "$CARGO_DEB_VERSION" --locked --quiet
 fi
 
+# One build at a time per checkout (tests on two systemd versions may ask at once).
+mkdir -p target
+exec 9>target/.build-deb.lock
+flock 9
+
 host="$(rustc -vV | sed -n 's/^host: //p')"
 bin="$(bash scripts/build-dist.sh)"
 

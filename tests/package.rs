@@ -10,6 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::support::cluster::{http_get, wait_for};
@@ -22,8 +23,14 @@ const SECS: fn(u64) -> Duration = Duration::from_secs;
 const BUILD_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 const APP: &str = "pkgapp";
 
-/// Builds the package with `scripts/build-deb.sh`; returns its host path.
+/// Builds the package with `scripts/build-deb.sh` once per test process; returns its
+/// host path.
 fn build_deb() -> PathBuf {
+    static DEB: OnceLock<PathBuf> = OnceLock::new();
+    DEB.get_or_init(build_deb_now).clone()
+}
+
+fn build_deb_now() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let started = Instant::now();
     let out = output_with_deadline(
