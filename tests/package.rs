@@ -13,7 +13,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::support::cluster::{http_get, wait_for};
+use crate::support::cluster::{example, http_get, wait_for};
 use crate::support::free_port;
 use crate::support::output_with_deadline;
 use crate::support::systemd::Systemd;
@@ -92,14 +92,18 @@ fn exists_inside(sd: &Systemd, path: &str) -> bool {
         .success()
 }
 
-/// The worker pids that answer `/` on `port`, over up to 400 requests.
-fn answering_pids(port: u16, want: usize) -> std::collections::HashSet<String> {
+/// The workers that answer `/` on `port` (as `pid=N generation=G`), over up to 400
+/// requests.
+fn answering(port: u16, want: usize) -> std::collections::HashSet<String> {
     let mut seen = std::collections::HashSet::new();
     for _ in 0..400 {
-        if let Ok(body) = http_get(port, "/")
-            && let Some(pid) = body.split_whitespace().find(|w| w.starts_with("pid="))
-        {
-            seen.insert(pid.to_string());
+        if let Ok(body) = http_get(port, "/") {
+            let words: Vec<&str> = body.split_whitespace().collect();
+            let pid = words.iter().find(|w| w.starts_with("pid="));
+            let generation = words.iter().find(|w| w.starts_with("generation="));
+            if let (Some(pid), Some(generation)) = (pid, generation) {
+                seen.insert(format!("{pid} {generation}"));
+            }
         }
         if seen.len() >= want {
             break;
@@ -251,8 +255,8 @@ fn check_completions(sd: &Systemd) {
 fn check_under_systemd(sd: &Systemd) {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let worker =
-        Systemd::path(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/workers/pyworker.py"));
+    // The example worker (examples/worker.rs): it answers `worker=… pid=… generation=…`.
+    let worker = Systemd::path(&example("worker"));
     inside(
         sd,
         &[
@@ -266,7 +270,6 @@ fn check_under_systemd(sd: &Systemd) {
             "--workers",
             "3",
             "--",
-            "/usr/bin/python3",
             &worker,
         ],
     );
@@ -287,23 +290,36 @@ fn check_under_systemd(sd: &Systemd) {
     sd.wait_for(&format!("{APP} to be active"), SECS(30), || {
         sd.unit_property(&format!("{APP}.service"), "ActiveState") == "active"
     });
-    let first = answering_pids(port, 3);
+    let first = answering(port, 3);
     assert_eq!(first.len(), 3, "three workers answer: {first:?}");
+    assert!(
+        first.iter().all(|w| w.ends_with(" generation=1")),
+        "{first:?}"
+    );
     let main_pid = sd.unit_property(&format!("{APP}.service"), "MainPID");
     let status = inside(sd, &["clusterctl", "status", "--json", APP]);
     assert!(status.contains("\"generation\":1,"), "{status}");
 
     sd.systemctl_ok(&["reload", APP]);
-    let body = wait_for("an answer from generation 2", SECS(30), || {
-        http_get(port, "/")
-            .ok()
-            .filter(|b| b.contains("generation=2"))
+    // `systemctl reload` returns once generation 2 serves; generation 1 then drains.
+    wait_for("generation 1 to finish draining", SECS(30), || {
+        let status = inside(sd, &["clusterctl", "status", "--json", APP]);
+        (status.contains("\"generation\":2,") && !status.contains("\"draining\"")).then_some(())
     });
-    assert!(body.contains("lang=python"), "{body}");
-    let second = answering_pids(port, 3);
-    assert_eq!(second.len(), 3, "three new workers answer: {second:?}");
+    let second = answering(port, 3);
+    assert_eq!(second.len(), 3, "three workers answer: {second:?}");
     assert!(
-        first.is_disjoint(&second),
+        second.iter().all(|w| w.ends_with(" generation=2")),
+        "only the new generation answers after the reload: {second:?}"
+    );
+    let pids = |set: &std::collections::HashSet<String>| -> Vec<String> {
+        set.iter()
+            .filter_map(|w| w.split(' ').next().map(str::to_owned))
+            .collect()
+    };
+    let (old_pids, new_pids) = (pids(&first), pids(&second));
+    assert!(
+        old_pids.iter().all(|p| !new_pids.contains(p)),
         "the reload replaced every worker: {first:?} then {second:?}"
     );
     assert_eq!(
@@ -318,6 +334,20 @@ fn check_under_systemd(sd: &Systemd) {
         &format!("{APP}.socket"),
         &format!("{APP}.service"),
     ]);
+}
+
+/// Prints how long each step took (the figures the report gives).
+struct Phases(Instant);
+
+impl Phases {
+    fn start() -> Phases {
+        Phases(Instant::now())
+    }
+
+    fn done(&mut self, what: &str) {
+        eprintln!("package: {what}: {} ms", self.0.elapsed().as_millis());
+        self.0 = Instant::now();
+    }
 }
 
 /// The whole life of the package in one instance: install, use, remove.
@@ -345,7 +375,9 @@ fn install_use_remove(sd: &Systemd, deb: &Path) {
         "/usr/share/doc/clusterctl existed before the install: {dirs:?}"
     );
 
+    let mut phase = Phases::start();
     inside(sd, &["dpkg", "-i", &deb_inside]);
+    phase.done("dpkg -i");
     let missing: Vec<&String> = files
         .iter()
         .chain(&dirs)
@@ -369,9 +401,12 @@ fn install_use_remove(sd: &Systemd, deb: &Path) {
 
     check_man_pages(sd, &files);
     check_completions(sd);
+    phase.done("man pages and completions");
     check_under_systemd(sd);
+    phase.done("README steps under systemd");
 
     inside(sd, &["apt-get", "remove", "-y", "clusterctl"]);
+    phase.done("apt-get remove");
     let left: Vec<&String> = files
         .iter()
         .chain(new_dirs)
