@@ -53,6 +53,9 @@ cargo fmt --check
 cargo clippy --all-targets --quiet -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
 cargo build --quiet --all-targets
+# The Debian package for tests/package.rs (cargo-deb is installed on first use; later runs
+# only re-package), built here so that the test itself never pays a cold build.
+bash scripts/build-deb.sh >/dev/null || fail_or_warn "could not build the Debian package"
 # Integration tests mostly wait on processes: run more of them than there are cores.
 # Tests that cannot run print "SKIPPED: …" straight to stderr; count them at the end, so a
 # green run that skipped something says so.

@@ -5,6 +5,7 @@
 mod cli;
 mod faults;
 mod gen_units;
+mod package;
 mod policy;
 mod run;
 mod servers;
