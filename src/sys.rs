@@ -515,7 +515,7 @@ unsafe fn guardian_main(rd: RawFd, groups: &mut Vec<libc::pid_t>, buf: &mut [u8;
         libc::sigprocmask(libc::SIG_SETMASK, &raw const all, std::ptr::null_mut());
         libc::setpgid(0, 0);
         // Shown by ps/top, so that operators know what the second process is.
-        libc::prctl(libc::PR_SET_NAME, c"clusterctl-guard".as_ptr());
+        libc::prctl(libc::PR_SET_NAME, c"cluster-guard".as_ptr());
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
         if null >= 0 {
             for fd in 0..3 {

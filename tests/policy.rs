@@ -29,10 +29,10 @@ fn workers_of(sup: &Supervisor) -> Vec<i32> {
     text.split_whitespace()
         .filter_map(|p| p.parse().ok())
         .filter(|p| alive(*p))
-        // The supervisor's other child is its guardian (src/sys.rs), not a worker.
+        // The supervisor's other child is its guardian (src/sys.rs names it), not a worker.
         .filter(|p| {
             std::fs::read_to_string(format!("/proc/{p}/comm"))
-                .is_ok_and(|c| c.trim_end() != "clusterctl-guard")
+                .is_ok_and(|c| c.trim_end() != "cluster-guard")
         })
         .collect()
 }

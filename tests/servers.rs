@@ -76,7 +76,7 @@ const UVICORN: Server = Server {
     name: "uvicorn",
     binary: "/usr/lib/python3/dist-packages/uvicorn/__main__.py",
     files: &["asgi.py"],
-    flags: &["--ready", "after:5s"],
+    flags: &["--ready", "after:5s", "--min-uptime", "10s"],
     command: &[
         "/usr/bin/python3",
         "-m",
@@ -96,7 +96,7 @@ const PUMA: Server = Server {
     name: "puma",
     binary: "/usr/bin/puma",
     files: &["config.ru"],
-    flags: &["--ready", "after:5s"],
+    flags: &["--ready", "after:5s", "--min-uptime", "10s"],
     command: &[
         "/usr/bin/puma",
         "--bind-to-activated-sockets",
@@ -115,7 +115,14 @@ const UNICORN: Server = Server {
     name: "unicorn",
     binary: "/usr/bin/unicorn",
     files: &["config.ru", "unicorn.conf.rb"],
-    flags: &["--ready", "after:5s", "--stop-signal", "QUIT"],
+    flags: &[
+        "--ready",
+        "after:5s",
+        "--min-uptime",
+        "10s",
+        "--stop-signal",
+        "QUIT",
+    ],
     command: &[
         "/usr/bin/unicorn",
         "--env",
@@ -132,7 +139,7 @@ const NODE: Server = Server {
     name: "node",
     binary: "/usr/bin/node",
     files: &["app.js"],
-    flags: &["--ready", "after:5s"],
+    flags: &["--ready", "after:5s", "--min-uptime", "10s"],
     command: &["/usr/bin/node", "/srv/app/app.js"],
     broken: ("app.js", "throw new Error('broken deploy');\n"),
     lossless: true,
