@@ -128,7 +128,8 @@ impl ControlSocket {
             }
             Ok(_) => {
                 return Err(Error::config(format!(
-                    "--control {} exists and is not a socket; refusing to replace it                      (remove it yourself or choose another path)",
+                    "--control {} exists and is not a socket; refusing to replace it \
+                     (remove it yourself or choose another path)",
                     path.display()
                 )));
             }
