@@ -21,6 +21,10 @@ pub struct WorkerRow {
     pub rss_bytes: Option<u64>,
     pub cpu_seconds: Option<f64>,
     pub status: Option<String>,
+    /// Workers of this slot replaced by recycling (`--max-worker-memory`/`-age`)...
+    pub recycles: u32,
+    /// ... and the last one: (how long ago, `memory` | `age`, the measured value).
+    pub last_recycle: Option<(Duration, &'static str, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -113,6 +117,17 @@ pub fn report(
                 rss_bytes: rss,
                 cpu_seconds: cpu,
                 status: w.status.clone(),
+                recycles: if current {
+                    slot.map_or(0, |s| s.recycles)
+                } else {
+                    0
+                },
+                last_recycle: if current {
+                    slot.and_then(|s| s.last_recycle.as_ref())
+                        .map(|(t, r)| recycle_info(now, *t, r))
+                } else {
+                    None
+                },
             }
         })
         .collect();
@@ -129,6 +144,11 @@ pub fn report(
                 rss_bytes: None,
                 cpu_seconds: None,
                 status: None,
+                recycles: s.recycles,
+                last_recycle: s
+                    .last_recycle
+                    .as_ref()
+                    .map(|(t, r)| recycle_info(now, *t, r)),
             });
         }
     }
@@ -154,6 +174,14 @@ pub fn report(
             .map(|(t, r)| (now.saturating_duration_since(*t), r.clone())),
         workers,
     }
+}
+
+fn recycle_info(
+    now: Instant,
+    at: Instant,
+    r: &crate::supervisor::state::RecycleReason,
+) -> (Duration, &'static str, String) {
+    (now.saturating_duration_since(at), r.kind(), r.to_string())
 }
 
 fn secs(d: Duration) -> String {
@@ -199,13 +227,23 @@ impl Report {
         }
         let _ = writeln!(
             o,
-            "{:>4} {:>8} {:>4} {:<11} {:>8} {:>8} {:<16} {:>8} {:>8}  STATUS",
-            "SLOT", "PID", "GEN", "STATE", "UPTIME", "RESTARTS", "LAST EXIT", "RSS", "CPU"
+            "{:>4} {:>8} {:>4} {:<11} {:>8} {:>8} {:<16} {:>8} {:>8} {:>8} {:<18}  STATUS",
+            "SLOT",
+            "PID",
+            "GEN",
+            "STATE",
+            "UPTIME",
+            "RESTARTS",
+            "LAST EXIT",
+            "RSS",
+            "CPU",
+            "RECYCLES",
+            "LAST RECYCLE"
         );
         for w in &self.workers {
             let _ = writeln!(
                 o,
-                "{:>4} {:>8} {:>4} {:<11} {:>8} {:>8} {:<16} {:>8} {:>8}  {}",
+                "{:>4} {:>8} {:>4} {:<11} {:>8} {:>8} {:<16} {:>8} {:>8} {:>8} {:<18}  {}",
                 w.slot,
                 w.pid.map_or("-".into(), |p| p.to_string()),
                 w.generation,
@@ -215,6 +253,13 @@ impl Report {
                 w.last_exit.as_deref().unwrap_or("-"),
                 w.rss_bytes.map_or("-".into(), human_bytes),
                 w.cpu_seconds.map_or("-".into(), |c| format!("{c:.2}s")),
+                w.recycles,
+                w.last_recycle
+                    .as_ref()
+                    .map_or("-".into(), |(ago, kind, _)| format!(
+                        "{kind} {}s ago",
+                        secs(*ago)
+                    )),
                 w.status.as_deref().unwrap_or("")
             );
         }
@@ -263,7 +308,7 @@ impl Report {
             }
             let _ = write!(
                 o,
-                "{{\"slot\":{},\"pid\":{},\"generation\":{},\"state\":{},\"uptime_seconds\":{},\"restarts\":{},\"last_exit\":{},\"rss_bytes\":{},\"cpu_seconds\":{},\"status\":{}}}",
+                "{{\"slot\":{},\"pid\":{},\"generation\":{},\"state\":{},\"uptime_seconds\":{},\"restarts\":{},\"last_exit\":{},\"rss_bytes\":{},\"cpu_seconds\":{},\"status\":{},\"recycles\":{},\"last_recycle\":{}}}",
                 w.slot,
                 w.pid.map_or("null".into(), |p| p.to_string()),
                 w.generation,
@@ -273,7 +318,16 @@ impl Report {
                 w.last_exit.as_deref().map_or("null".into(), jstr),
                 w.rss_bytes.map_or("null".into(), |b| b.to_string()),
                 w.cpu_seconds.map_or("null".into(), |c| format!("{c:.2}")),
-                w.status.as_deref().map_or("null".into(), jstr)
+                w.status.as_deref().map_or("null".into(), jstr),
+                w.recycles,
+                w.last_recycle
+                    .as_ref()
+                    .map_or("null".into(), |(ago, kind, detail)| format!(
+                        "{{\"seconds_ago\":{},\"reason\":{},\"detail\":{}}}",
+                        secs(*ago),
+                        jstr(kind),
+                        jstr(detail)
+                    ))
             );
         }
         o.push_str("]}");

@@ -74,6 +74,9 @@ pub enum Event {
     /// The answer to `Action::ProbeAccepting`; `None` when the sockets cannot be seen
     /// (no TCP listener, no netlink).
     Backlog(Option<Backlog>),
+    /// The answer to `Action::SampleMemory`: resident memory in bytes (the worker's whole
+    /// process tree) of each worker that could be read.
+    Memory(Vec<(Pid, u64)>),
     /// Some armed deadline may have passed (the executor wakes us at `next_deadline`).
     Tick,
 }
@@ -109,6 +112,9 @@ pub enum Action {
     },
     /// Look at the listening sockets' accept queues; the result comes back as `Backlog`.
     ProbeAccepting,
+    /// Read the resident memory of the starting and ready workers; the result comes back
+    /// as `Memory`.
+    SampleMemory,
     /// All workers are gone: exit the supervisor with this code.
     Exit { code: u8 },
 }
