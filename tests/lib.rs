@@ -4,6 +4,7 @@
 
 mod gen_units;
 mod policy;
+mod recycle;
 mod run;
 mod support;
 mod systemd_e2e;
