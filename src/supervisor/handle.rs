@@ -1424,12 +1424,26 @@ fn recycling(state: &mut State, now: Instant, out: &mut Vec<Action>) {
         reason,
         started: now,
     };
+    let age = now.saturating_duration_since(w.started);
+    // Over the limit within a few samples of its start: the limit is likely below what
+    // the worker needs at all, and every replacement will be recycled again.
+    let (level, hint) = match reason {
+        RecycleReason::Memory { .. } if age < MEMORY_SAMPLE_EVERY * 6 => (
+            Level::WARN,
+            format!(
+                " (it is only {} old: if --max-worker-memory is below what a fresh worker \
+                 needs, every replacement is recycled again)",
+                human(age)
+            ),
+        ),
+        _ => (Level::INFO, String::new()),
+    };
     log(
         out,
-        Level::INFO,
+        level,
         Some(w.tag()),
         format!(
-            "recycling worker {} (pid {}): {reason}; starting its replacement",
+            "recycling worker {} (pid {}): {reason}{hint}; starting its replacement",
             r.slot, r.old
         ),
     );

@@ -1900,6 +1900,14 @@ mod recycle {
             logged(&a, "resident memory 150.0M above --max-worker-memory 100M"),
             "{a:?}"
         );
+        // 20 s after its start: young, so the log says the limit may be too low.
+        assert!(
+            logged(
+                &a,
+                "if --max-worker-memory is below what a fresh worker needs"
+            ),
+            "{a:?}"
+        );
         assert!(s.st.status_line().contains("recycling worker 1 (memory)"));
         let new = *live(&s, 1).last().unwrap();
         // (--min-uptime 0: established when ready)
