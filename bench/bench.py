@@ -723,7 +723,7 @@ def section_scale(rep, a):
     # respawn latency
     rows, rdata = [], []
     for n in (4, 256):
-        sup = Supervisor(f"respawn-{n}", n, [WORKER], extra=["--restart-delay", "0"])
+        sup = Supervisor(f"respawn-{n}", n, [WORKER], extra=["--restart-delay", "0..1ms"])
         sup.wait_ready()
         lat_exit, lat_start, lat_ready = [], [], []
         for i in range(a.kills):
@@ -750,7 +750,7 @@ def section_scale(rep, a):
                       "ready_ms": lat_ready})
         rows.append([n, a.kills, f"{med(lat_exit):.2f}", f"{med(lat_start):.2f}",
                      f"{max(lat_start):.2f}", f"{med(lat_ready):.2f}", f"{max(lat_ready):.2f}"])
-    rep.emit("\nRespawn latency (`--restart-delay 0`, example worker): SIGKILL of one worker "
+    rep.emit("\nRespawn latency (`--restart-delay 0..1ms`, example worker): SIGKILL of one worker "
              "→ `worker S exited unexpectedly` (reaped) → `worker S started (pid …)` "
              "(fork+exec of the replacement done) → its `ready` line.\n")
     rep.emit(table(["N", "kills", "→ exit seen, median ms", "→ started, median ms", "max ms",
@@ -805,7 +805,7 @@ def section_control_probe(rep, a):
                      f"{med(xs):.2f}", f"{max(xs):.2f}"])
         sup.stop()
     sup = Supervisor("control-probe", 4, ["sleep", "infinity"], ready="exec",
-                     extra=["--restart-delay", "0"])
+                     extra=["--restart-delay", "0..1ms"])
     sup.wait_ready()
 
     def slot_pid(i):
@@ -852,7 +852,7 @@ def section_control_probe(rep, a):
     rep.emit("\nThe control socket is served, and the log written, inside the supervisor's "
              "only thread: what a status request costs, and what a slow control client or a "
              "stalled log reader costs everything else (4 × `sleep infinity`, "
-             "`--restart-delay 0`; the log probe 16 workers).\n")
+             "`--restart-delay 0..1ms`; the log probe 16 workers).\n")
     rep.emit(table(["probe", "median ms", "max ms"], rows))
     rep.data["control_probe"] = data
 
@@ -864,7 +864,7 @@ def log_sink_probe(n=16, wait=3.0):
     control = os.path.join(tmp, "control.sock")
     p = Tracked.popen([CLUSTERCTL, "run", "--log", "stderr", "--listen",
                        f"127.0.0.1:{free_port()}", "--workers", str(n), "--ready", "exec",
-                       "--restart-delay", "0", "--stop-timeout", "5s", "--control", control,
+                       "--restart-delay", "0..1ms", "--stop-timeout", "5s", "--control", control,
                        "--", "sleep", "infinity"],
                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                       stdin=subprocess.DEVNULL)

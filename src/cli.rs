@@ -7,9 +7,77 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::builder::{PossibleValue, TypedValueParser};
+use clap::{Args, Parser, Subcommand, ValueEnum, ValueHint};
 
 use crate::config::{AgeLimit, Dur, ListenSpec, ReadyMode, RestartDelay, Sig, Size, Workers};
+
+/// A value parser for a `FromStr` type that also lists typical values, so `--help` and the
+/// shell completions offer them (the type itself accepts more, e.g. any `after:DUR`).
+#[derive(Debug, Clone, Copy)]
+pub struct Hinted<T> {
+    values: &'static [(&'static str, &'static str)],
+    _t: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T> Hinted<T> {
+    pub const fn new(values: &'static [(&'static str, &'static str)]) -> Self {
+        Hinted {
+            values,
+            _t: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<T> TypedValueParser for Hinted<T>
+where
+    T: std::str::FromStr<Err = String> + Clone + Send + Sync + 'static,
+{
+    type Value = T;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<T, clap::Error> {
+        let text = value.to_string_lossy();
+        text.parse::<T>().map_err(|e| {
+            let name = arg.map_or_else(
+                || "the value".to_string(),
+                |a| format!("'--{}'", a.get_long().unwrap_or(a.get_id().as_str())),
+            );
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("invalid value '{text}' for {name}: {e}\n"),
+            )
+            .with_cmd(cmd)
+        })
+    }
+
+    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = PossibleValue> + '_>> {
+        Some(Box::new(self.values.iter().map(|(v, help)| match *help {
+            "" => PossibleValue::new(*v),
+            help => PossibleValue::new(*v).help(help),
+        })))
+    }
+}
+
+const READY_VALUES: &[(&str, &str)] = &[
+    ("notify", "the worker sends READY=1 to $NOTIFY_SOCKET"),
+    ("exec", "ready as soon as the command was executed"),
+    ("after:2s", "ready once alive this long (any duration)"),
+];
+
+const SIGNAL_VALUES: &[(&str, &str)] = &[
+    ("TERM", "the default"),
+    ("INT", ""),
+    ("QUIT", "graceful stop for unicorn, nginx-style servers"),
+    ("HUP", ""),
+    ("USR1", ""),
+    ("USR2", ""),
+    ("WINCH", "graceful stop for Apache-style servers"),
+];
 
 #[derive(Debug, Parser)]
 #[command(
@@ -50,9 +118,13 @@ pub enum Command {
     /// Show a unit's log, all of it or one worker slot's (runs journalctl)
     #[command(after_help = LOGS_EXAMPLES)]
     Logs(LogsArgs),
-    /// Print the man page (roff) for clusterctl
-    #[command(after_help = "Example:\n  clusterctl man > /usr/share/man/man1/clusterctl.1")]
-    Man,
+    /// Print a man page (roff), or write one page per subcommand into a directory
+    #[command(
+        after_help = "Examples:\n  clusterctl man --dir /usr/local/share/man/man1   \
+                            # clusterctl.1, clusterctl-run.1, …\n  \
+                            clusterctl man gen-units | man -l -"
+    )]
+    Man(ManArgs),
     /// Print a shell completion script
     #[command(
         after_help = "Examples:\n  clusterctl completions bash > /etc/bash_completion.d/clusterctl\n  \
@@ -62,6 +134,17 @@ pub enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// Only this subcommand's page (default: the top page, clusterctl(1))
+    #[arg(value_name = "SUBCOMMAND")]
+    pub page: Option<String>,
+    /// Write clusterctl.1 and one clusterctl-SUBCOMMAND.1 per subcommand into DIR
+    /// (created if missing) instead of printing
+    #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath, conflicts_with = "page")]
+    pub dir: Option<PathBuf>,
 }
 
 const LOGS_EXAMPLES: &str = "Examples:
@@ -150,7 +233,7 @@ pub struct Target {
     #[arg(value_name = "APP")]
     pub app: Option<String>,
     /// The control socket's path (`clusterctl run --control PATH`)
-    #[arg(long, value_name = "PATH", conflicts_with = "app")]
+    #[arg(long, value_name = "PATH", conflicts_with = "app", value_hint = ValueHint::FilePath)]
     pub control: Option<PathBuf>,
 }
 
@@ -187,7 +270,7 @@ pub struct StatusArgs {
 #[derive(Debug, Args)]
 pub struct ScaleArgs {
     /// The control socket's path (instead of APP)
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", value_hint = ValueHint::FilePath)]
     pub control: Option<PathBuf>,
     /// `APP N` (the unit name and the new number of workers), or just `N` with --control
     #[arg(value_name = "APP N", num_args = 1..=2, required = true)]
@@ -244,19 +327,22 @@ pub struct SupervisorOpts {
     pub workers: Workers,
 
     /// When a worker counts as ready: `notify` (it sends READY=1), `exec`, or `after:DUR`
-    #[arg(long, value_name = "MODE", default_value = "notify")]
+    #[arg(long, value_name = "MODE", default_value = "notify",
+          value_parser = Hinted::<ReadyMode>::new(READY_VALUES))]
     pub ready: ReadyMode,
 
-    /// A worker not ready within this time is killed and counts as a failed start
+    /// A worker not ready within this time is killed and counts as a failed start (more
+    /// than 0, and longer than `--ready after:DUR`)
     #[arg(long, value_name = "DUR", default_value = "60s")]
     pub ready_timeout: Dur,
 
-    /// Backoff bounds before refilling the slot of a crashed worker
+    /// Backoff bounds before refilling the slot of a crashed worker (MAX above 0)
     #[arg(long, value_name = "MIN..MAX", default_value = "100ms..30s")]
     pub restart_delay: RestartDelay,
 
-    /// Signal that asks a worker to drain and exit
-    #[arg(long, value_name = "SIG", default_value = "TERM")]
+    /// Signal that asks a worker to drain and exit (any signal name or number)
+    #[arg(long, value_name = "SIG", default_value = "TERM",
+          value_parser = Hinted::<Sig>::new(SIGNAL_VALUES))]
     pub stop_signal: Sig,
 
     /// How long stopping workers may drain before they are killed
@@ -387,7 +473,9 @@ pub struct RunArgs {
         long = "listen",
         value_name = "SPEC",
         help = "Socket to bind when not started by systemd socket activation: PORT, HOST:PORT, \
-                [V6]:PORT or unix:/PATH, optionally named NAME=ADDRESS (repeatable)"
+                [V6]:PORT or unix:/PATH, optionally named NAME=ADDRESS (repeatable). A bare \
+                PORT listens on every interface, IPv4 and IPv6 ([::]:PORT); use \
+                127.0.0.1:PORT for this machine only"
     )]
     pub listen: Vec<ListenSpec>,
 
@@ -400,7 +488,7 @@ pub struct RunArgs {
     pub opts: SupervisorOpts,
 
     /// Control socket for `clusterctl reload/status/scale` [default: $RUNTIME_DIRECTORY/control.sock]
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", value_hint = ValueHint::FilePath)]
     pub control: Option<PathBuf>,
 
     /// Hold only the sockets until the first connection, then start the workers; with
@@ -409,7 +497,7 @@ pub struct RunArgs {
     pub lazy: bool,
 
     /// Write the supervisor's pid here (for use without systemd); removed on exit
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", value_hint = ValueHint::FilePath)]
     pub pidfile: Option<PathBuf>,
 
     /// Where clusterctl's own log goes
@@ -417,8 +505,77 @@ pub struct RunArgs {
     pub log: LogTarget,
 
     /// The worker command and its arguments
-    #[arg(last = true, required = true, value_name = "CMD")]
+    #[arg(last = true, required = true, value_name = "CMD",
+          value_hint = ValueHint::CommandWithArguments)]
     pub command: Vec<OsString>,
+}
+
+impl SupervisorOpts {
+    /// Cross-field rules for the supervisor's options, the one place both `run` (exit 78)
+    /// and `gen-units` (before rendering) check them.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.ready_timeout.0.is_zero() {
+            return Err(
+                "--ready-timeout 0 would kill every worker before it could become ready: give \
+                 a positive duration (default 60s)"
+                    .into(),
+            );
+        }
+        if self.restart_delay.max.is_zero() {
+            return Err(format!(
+                "--restart-delay {} means no backoff at all: a worker that crashes at start \
+                 would be respawned in a busy loop. MAX must be above 0 (default 100ms..30s; \
+                 0..1ms refills at once)",
+                self.restart_delay
+            ));
+        }
+        if let ReadyMode::After(d) = self.ready
+            && d >= self.ready_timeout.0
+        {
+            return Err(format!(
+                "--ready after:{} can never be reached: a worker not ready within \
+                 --ready-timeout {} is killed first. Give --ready-timeout longer than the \
+                 readiness delay (e.g. --ready-timeout {})",
+                Dur(d),
+                self.ready_timeout,
+                Dur(d * 2 + std::time::Duration::from_secs(10))
+            ));
+        }
+        if self
+            .worker_watchdog
+            .is_some_and(|d| d.0 < std::time::Duration::from_millis(10))
+        {
+            return Err("--worker-watchdog must be at least 10ms".into());
+        }
+        Ok(())
+    }
+}
+
+/// For a command line that clap refused: when `run` or `gen-units` got the worker command
+/// without `--` in front of it, the corrected line (the last place where inserting `--`
+/// makes the line parse).
+pub fn missing_dashdash_hint(args: &[OsString]) -> Option<String> {
+    let sub = args.iter().position(|a| a == "run" || a == "gen-units")?;
+    if args.iter().any(|a| a == "--") {
+        return None;
+    }
+    // From the right: the latest split that parses keeps the most words as options.
+    for at in ((sub + 1)..args.len()).rev() {
+        let mut fixed: Vec<OsString> = args.to_vec();
+        fixed.insert(at, "--".into());
+        if Cli::try_parse_from(&fixed).is_ok() {
+            let words: Vec<String> = fixed
+                .iter()
+                .skip(1)
+                .map(|w| crate::units::shell_word(&w.to_string_lossy()))
+                .collect();
+            return Some(format!(
+                "the worker command goes after `--`:\n  clusterctl {}",
+                words.join(" ")
+            ));
+        }
+    }
+    None
 }
 
 #[cfg(test)]

@@ -191,7 +191,7 @@ fn parse_address(s: &str) -> Result<Address, String> {
     if s.chars().all(|c| c.is_ascii_digit()) && !s.is_empty() {
         let port: u16 = s
             .parse()
-            .map_err(|_| format!("port {s:?} is out of range (1-65535)"))?;
+            .map_err(|_| format!("invalid listen address {s:?}: port out of range 1..65535"))?;
         if port == 0 {
             return Err("port 0 is not allowed: choose a fixed port".into());
         }
@@ -200,13 +200,103 @@ fn parse_address(s: &str) -> Result<Address, String> {
             port,
         ))));
     }
-    let addr: std::net::SocketAddr = s
-        .parse()
-        .map_err(|_| format!("invalid listen address {s:?}: {HINT}"))?;
-    if addr.port() == 0 {
-        return Err("port 0 is not allowed: choose a fixed port".into());
+    let (host, port, bracketed) =
+        split_host_port(s).ok_or_else(|| format!("invalid listen address {s:?}: {HINT}"))?;
+    let port: u16 = match port.parse::<u32>() {
+        Ok(0) => return Err("port 0 is not allowed: choose a fixed port".into()),
+        Ok(p) if p <= 65535 => u16::try_from(p).unwrap_or(u16::MAX),
+        _ => {
+            return Err(format!(
+                "invalid listen address {s:?}: port {port:?} out of range 1..65535"
+            ));
+        }
+    };
+    let ip: std::net::IpAddr = host.parse().map_err(|_| {
+        format!(
+            "invalid listen address {s:?}: HOST must be an IP address (127.0.0.1, 0.0.0.0, \
+             [::1], [::]); host names are not resolved. For every interface give just the port"
+        )
+    })?;
+    if bracketed != ip.is_ipv6() {
+        return Err(format!(
+            "invalid listen address {s:?}: an IPv6 address goes in brackets ([::1]:{port}), \
+             an IPv4 address does not"
+        ));
     }
-    Ok(Address::Tcp(addr))
+    Ok(Address::Tcp(std::net::SocketAddr::new(ip, port)))
+}
+
+/// `HOST:PORT` or `[V6]:PORT` split at the port's colon: (host without brackets, port,
+/// whether it was bracketed).
+fn split_host_port(s: &str) -> Option<(&str, &str, bool)> {
+    if let Some(rest) = s.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        return Some((host, after.strip_prefix(':')?, true));
+    }
+    let (host, port) = s.rsplit_once(':')?;
+    if host.contains(':') {
+        // An IPv6 address without brackets: the port cannot be told apart.
+        return None;
+    }
+    Some((host, port, false))
+}
+
+/// The same address given twice to `--listen` (run and gen-units): refused, because both
+/// cannot be bound (run) or would be one socket (a socket unit).
+pub fn check_listen_unique(listen: &[ListenSpec]) -> Result<(), String> {
+    for (i, l) in listen.iter().enumerate() {
+        if let Some(first) = listen[..i].iter().find(|o| o.address == l.address) {
+            return Err(format!(
+                "--listen {} is listed twice (as {:?} and {:?}): give each address once",
+                l.address, first.raw, l.raw
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The longest `sun_path` a unix socket may have, without the trailing NUL.
+pub const SUN_PATH_MAX: usize = 107;
+
+/// The name of the supervisor's notify socket in its runtime directory, at the longest a
+/// pid can make it (pid_max is at most 2^22 = 4194304). Keep in sync with `notify.rs`.
+pub const NOTIFY_SOCKET_NAME_MAX: &str = "notify.4194304.sock";
+
+/// The first directory of `$RUNTIME_DIRECTORY` (systemd's `RuntimeDirectory=`), where the
+/// supervisor binds its notify socket and, by default, its control socket.
+pub fn runtime_directory() -> Option<PathBuf> {
+    let dir = std::env::var_os("RUNTIME_DIRECTORY")?;
+    let first = dir.to_str()?.split(':').next()?.to_string();
+    Some(PathBuf::from(first))
+}
+
+/// Checks that the unix socket paths the supervisor will bind fit in `sun_path`: the
+/// control socket and, in `runtime_dir` (`$RUNTIME_DIRECTORY`), the notify socket. Used at
+/// `run` start (before anything is bound) and, for the unit's paths, by gen-units.
+pub fn check_socket_paths(
+    control: Option<&std::path::Path>,
+    runtime_dir: Option<&std::path::Path>,
+) -> Result<(), String> {
+    let too_long = |what: &str, path: String| {
+        format!(
+            "{what} {path} is {} bytes, more than the {SUN_PATH_MAX} a unix socket path may \
+             have: use a shorter name or directory",
+            path.len()
+        )
+    };
+    if let Some(c) = control {
+        let text = c.display().to_string();
+        if c.as_os_str().len() > SUN_PATH_MAX {
+            return Err(too_long("the control socket", text));
+        }
+    }
+    if let Some(dir) = runtime_dir {
+        let path = dir.join(NOTIFY_SOCKET_NAME_MAX).display().to_string();
+        if path.len() > SUN_PATH_MAX {
+            return Err(too_long("the notify socket (at most)", path));
+        }
+    }
+    Ok(())
 }
 
 /// `--workers N|auto`.
@@ -541,6 +631,8 @@ mod tests {
             "0",
             "70000",
             "localhost:80",
+            "[127.0.0.1]:80",
+            "::1:80",
             "unix:rel.sock",
             "a:b=80",
             "=80",
@@ -553,6 +645,44 @@ mod tests {
                 "{bad:?} should be rejected"
             );
         }
+    }
+
+    #[test]
+    fn listen_errors_name_the_problem() {
+        let err = |s: &str| s.parse::<ListenSpec>().unwrap_err();
+        assert!(err("localhost:8080").contains("HOST must be an IP address"));
+        assert!(err("example.com:80").contains("HOST must be an IP address"));
+        assert!(err("127.0.0.1:70000").contains("port \"70000\" out of range 1..65535"));
+        assert!(err("127.0.0.1:http").contains("out of range 1..65535"));
+        assert!(err("70000").contains("out of range 1..65535"));
+        assert!(err("[127.0.0.1]:80").contains("brackets"));
+        assert!(err("0").contains("port 0"));
+    }
+
+    #[test]
+    fn same_listen_twice_is_listed_twice() {
+        let l = |s: &str| s.parse::<ListenSpec>().unwrap();
+        assert!(check_listen_unique(&[l("80"), l("127.0.0.1:80")]).is_ok());
+        let e = check_listen_unique(&[l("127.0.0.1:80"), l("web=127.0.0.1:80")]).unwrap_err();
+        assert!(e.contains("listed twice"), "{e}");
+    }
+
+    #[test]
+    fn socket_path_lengths() {
+        use std::path::Path;
+        assert!(check_socket_paths(Some(Path::new("/run/a/control.sock")), None).is_ok());
+        let long = format!("/run/{}/control.sock", "a".repeat(90));
+        assert!(
+            check_socket_paths(Some(Path::new(&long)), None)
+                .unwrap_err()
+                .contains("107")
+        );
+        // 82 characters of name fit, 83 do not (the notify socket is the longer one).
+        let ok = format!("/run/{}", "a".repeat(82));
+        assert!(check_socket_paths(None, Some(Path::new(&ok))).is_ok());
+        let bad = format!("/run/{}", "a".repeat(83));
+        let e = check_socket_paths(None, Some(Path::new(&bad))).unwrap_err();
+        assert!(e.contains("notify socket"), "{e}");
     }
 
     #[test]

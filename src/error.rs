@@ -29,6 +29,9 @@ pub enum Error {
     Failed(String),
     /// The supervisor could not be reached.
     Unavailable(String),
+    /// The command line does not say enough (e.g. which supervisor): exit 2, like clap's
+    /// own usage errors.
+    Usage(String),
 }
 
 impl Error {
@@ -41,6 +44,7 @@ impl Error {
             Error::Config(_) => exit::CONFIG,
             Error::Io { .. } | Error::Failed(_) => exit::FAILURE,
             Error::Unavailable(_) => exit::UNAVAILABLE,
+            Error::Usage(_) => exit::USAGE,
         }
     }
 }
@@ -48,7 +52,9 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::Config(m) | Error::Failed(m) | Error::Unavailable(m) => f.write_str(m),
+            Error::Config(m) | Error::Failed(m) | Error::Unavailable(m) | Error::Usage(m) => {
+                f.write_str(m)
+            }
             Error::Io { context, source } => write!(f, "{context}: {source}"),
         }
     }

@@ -1,8 +1,19 @@
 //! clusterctl's own log: structured entries to journald (fields `WORKER_ID`, `GENERATION`,
 //! `WORKER_PID`, queryable with `journalctl -u APP WORKER_ID=2`) when stderr is the journal
 //! or `--log journald` is given; readable lines on stderr otherwise.
+//!
+//! Logging can never stop or kill the supervisor:
+//! - journald entries are handed to a log thread through a bounded queue (never waiting:
+//!   when it is full, the entry is dropped and counted), and that thread does the
+//!   possibly blocking `send_to` (tracing-journald), so a stalled journald stalls nobody;
+//! - stderr lines go through a non-blocking description of stderr where possible, and
+//!   every write error (a full pipe, EPIPE after the reader exited, EIO, ENOSPC, a closed
+//!   fd 2) drops the line and counts it instead of being reported (tracing-subscriber
+//!   would report it with `eprintln!`, which panics, and `panic = "abort"`).
 
 use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 
 use tracing::Level;
 use tracing_subscriber::layer::SubscriberExt;
@@ -26,6 +37,13 @@ pub fn stderr_is_journal() -> bool {
         && ino.parse::<u64>().is_ok_and(|i| i == st.st_ino)
 }
 
+/// Entries waiting for the journald log thread, at most.
+const QUEUE: usize = 4096;
+
+/// True once the journald layer is installed: log lines then carry the worker fields as
+/// journal fields; on stderr, the message alone says what they say.
+static JOURNAL: AtomicBool = AtomicBool::new(false);
+
 /// Installs the global subscriber. Returns a warning to log once the logger is up, if the
 /// journal was wanted but is not reachable.
 pub fn init(target: LogTarget) -> Option<String> {
@@ -39,11 +57,48 @@ pub fn init(target: LogTarget) -> Option<String> {
         match tracing_journald::layer() {
             Ok(layer) => {
                 let layer = layer.with_field_prefix(None);
-                let sub = tracing_subscriber::registry()
-                    .with(layer)
-                    .with(tracing_subscriber::filter::LevelFilter::INFO);
-                if tracing::subscriber::set_global_default(sub).is_ok() {
-                    return None;
+                let journal = tracing::Dispatch::new(
+                    tracing_subscriber::registry()
+                        .with(layer)
+                        .with(tracing_subscriber::filter::LevelFilter::INFO),
+                );
+                let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+                // The thread starts with every signal blocked (it inherits the mask): the
+                // supervisor's signals (SIGCHLD, SIGTERM, …) must stay pending for the
+                // main thread's signalfd, never be delivered to this thread.
+                let all = nix::sys::signal::SigSet::all();
+                let mut old = nix::sys::signal::SigSet::empty();
+                let blocked = nix::sys::signal::pthread_sigmask(
+                    nix::sys::signal::SigmaskHow::SIG_SETMASK,
+                    Some(&all),
+                    Some(&mut old),
+                );
+                let spawned = match blocked {
+                    Ok(()) => std::thread::Builder::new()
+                        .name("journald".into())
+                        .spawn(move || journal_thread(&journal, &rx)),
+                    Err(e) => Err(std::io::Error::from(e)),
+                };
+                let _ = nix::sys::signal::pthread_sigmask(
+                    nix::sys::signal::SigmaskHow::SIG_SETMASK,
+                    Some(&old),
+                    None,
+                );
+                match spawned {
+                    Ok(_) => {
+                        let sub = tracing_subscriber::registry()
+                            .with(HandOff(tx))
+                            .with(tracing_subscriber::filter::LevelFilter::INFO);
+                        if tracing::subscriber::set_global_default(sub).is_ok() {
+                            JOURNAL.store(true, Ordering::Relaxed);
+                            return None;
+                        }
+                    }
+                    Err(e) => {
+                        warning = Some(format!(
+                            "cannot start the journald log thread ({e}); logging to stderr"
+                        ));
+                    }
                 }
             }
             Err(e) => {
@@ -58,13 +113,108 @@ pub fn init(target: LogTarget) -> Option<String> {
         .with_target(false)
         .with_ansi(false)
         .with_max_level(Level::INFO)
+        .log_internal_errors(false)
         .finish();
     let _ = tracing::subscriber::set_global_default(sub);
     warning
 }
 
-/// Log lines dropped because stderr was full (a reader that stopped reading).
-pub static DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Log lines dropped: stderr full (a reader that stopped reading) or broken, or the
+/// journald queue full.
+pub static DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// One log entry on its way to the journald thread.
+#[derive(Debug)]
+struct Record {
+    level: Level,
+    worker: Option<WorkerTag>,
+    message: String,
+}
+
+/// The layer on the event loop's side: captures an event and queues it, never waiting.
+struct HandOff(SyncSender<Record>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for HandOff {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let mut v = Fields::default();
+        event.record(&mut v);
+        let worker = match (v.slot, v.generation) {
+            (Some(slot), Some(generation)) => Some(WorkerTag {
+                slot,
+                generation,
+                pid: v.pid.map(nix::unistd::Pid::from_raw),
+            }),
+            _ => None,
+        };
+        let record = Record {
+            level: *event.metadata().level(),
+            worker,
+            message: v.message,
+        };
+        match self.0.try_send(record) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                DROPPED.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// The fields `event()` and the `tracing` macros produce.
+#[derive(Default)]
+struct Fields {
+    message: String,
+    slot: Option<u32>,
+    generation: Option<u32>,
+    pid: Option<i32>,
+}
+
+impl Fields {
+    fn number(&mut self, name: &str, n: Option<i64>) {
+        match name {
+            "WORKER_ID" => self.slot = n.and_then(|n| u32::try_from(n).ok()),
+            "GENERATION" => self.generation = n.and_then(|n| u32::try_from(n).ok()),
+            "WORKER_PID" => self.pid = n.and_then(|n| i32::try_from(n).ok()),
+            _ => {}
+        }
+    }
+}
+
+impl tracing::field::Visit for Fields {
+    fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+        self.number(field.name(), Some(value));
+    }
+
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        self.number(field.name(), i64::try_from(value).ok());
+    }
+
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "message" {
+            self.message = value.to_string();
+        }
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.message = format!("{value:?}");
+        }
+    }
+}
+
+/// The log thread: writes queued entries to journald with tracing-journald (its own
+/// dispatcher, so they are not queued again). Ends when the supervisor exits.
+fn journal_thread(journal: &tracing::Dispatch, rx: &Receiver<Record>) {
+    tracing::dispatcher::with_default(journal, || {
+        while let Ok(r) = rx.recv() {
+            emit(r.level, r.worker, &r.message);
+        }
+    });
+}
 
 /// The supervisor's own handle on stderr. When stderr is a pipe or a terminal, it is a
 /// second, non-blocking open file description of it (through `/proc/self/fd/2`), so a
@@ -89,20 +239,23 @@ fn nonblocking_stderr() -> Option<&'static std::fs::File> {
     .as_ref()
 }
 
-/// A stderr writer that drops what does not fit instead of blocking.
+/// A stderr writer that never fails and never blocks: what cannot be written (a full
+/// pipe, a reader gone, a full disk, no stderr at all) is dropped and counted.
 struct LossyStderr(Option<&'static std::fs::File>);
 
 impl std::io::Write for LossyStderr {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let Some(mut file) = self.0 else {
-            return std::io::stderr().write(buf);
+        let r = match self.0 {
+            Some(mut file) => file.write(buf),
+            None => std::io::stderr().write(buf),
         };
-        match file.write(buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                DROPPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        match r {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Err(e),
+            Ok(n) => Ok(n),
+            Err(_) => {
+                DROPPED.fetch_add(1, Ordering::Relaxed);
                 Ok(buf.len())
             }
-            r => r,
         }
     }
 
@@ -111,8 +264,43 @@ impl std::io::Write for LossyStderr {
     }
 }
 
-/// Emits one supervisor event, with the worker's fields when it concerns a worker.
+/// Emits one supervisor event, with the worker's fields when it concerns a worker. On
+/// stderr, a field is shown only when the message does not already say it.
 pub fn event(level: Level, worker: Option<WorkerTag>, message: &str) {
+    if JOURNAL.load(Ordering::Relaxed) {
+        emit(level, worker, message);
+    } else {
+        let line = match worker {
+            Some(tag) => with_missing_fields(message, tag),
+            None => message.to_string(),
+        };
+        emit(level, None, &line);
+    }
+}
+
+/// `message`, followed by the worker's slot, generation and pid where it does not mention
+/// them already.
+fn with_missing_fields(message: &str, tag: WorkerTag) -> String {
+    let mut missing = Vec::new();
+    if !message.contains(&format!("worker {}", tag.slot)) {
+        missing.push(format!("worker {}", tag.slot));
+    }
+    if !message.contains(&format!("generation {}", tag.generation)) {
+        missing.push(format!("generation {}", tag.generation));
+    }
+    if let Some(pid) = tag.pid
+        && !message.contains(&pid.to_string())
+    {
+        missing.push(format!("pid {pid}"));
+    }
+    if missing.is_empty() {
+        message.to_string()
+    } else {
+        format!("{message} [{}]", missing.join(", "))
+    }
+}
+
+fn emit(level: Level, worker: Option<WorkerTag>, message: &str) {
     macro_rules! emit {
         ($lvl:expr) => {
             match worker {
@@ -144,5 +332,43 @@ pub fn event(level: Level, worker: Option<WorkerTag>, message: &str) {
         Level::INFO => emit!(Level::INFO),
         Level::DEBUG => emit!(Level::DEBUG),
         _ => emit!(Level::TRACE),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stderr_lines_do_not_repeat_what_the_message_says() {
+        let tag = WorkerTag {
+            slot: 2,
+            generation: 3,
+            pid: Some(nix::unistd::Pid::from_raw(4711)),
+        };
+        assert_eq!(
+            with_missing_fields("worker 2 started (pid 4711, generation 3)", tag),
+            "worker 2 started (pid 4711, generation 3)"
+        );
+        assert_eq!(
+            with_missing_fields("worker 2 ready after 5ms", tag),
+            "worker 2 ready after 5ms [generation 3, pid 4711]"
+        );
+        assert_eq!(
+            with_missing_fields("draining", WorkerTag { pid: None, ..tag }),
+            "draining [worker 2, generation 3]"
+        );
+    }
+
+    #[test]
+    fn a_broken_stderr_is_dropped_not_reported() {
+        use std::io::Write;
+        let (rd, wr) = nix::unistd::pipe().unwrap();
+        drop(rd);
+        let file: &'static std::fs::File = Box::leak(Box::new(std::fs::File::from(wr)));
+        let before = DROPPED.load(Ordering::Relaxed);
+        // EPIPE (Rust ignores SIGPIPE): swallowed and counted.
+        assert_eq!(LossyStderr(Some(file)).write(b"line\n").unwrap(), 5);
+        assert!(DROPPED.load(Ordering::Relaxed) > before);
     }
 }

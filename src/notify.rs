@@ -60,12 +60,93 @@ pub fn parse(bytes: &[u8]) -> Result<NotifyMsg, &'static str> {
             ("RELOADING", "1") => msg.reloading = true,
             ("WATCHDOG", "1") => msg.watchdog = true,
             ("WATCHDOG", "trigger") => msg.watchdog_trigger = true,
-            ("STATUS", s) => msg.status = Some(s.chars().take(256).collect()),
+            ("STATUS", s) => {
+                msg.status = Some(sanitize_status(&s.chars().take(256).collect::<String>()));
+            }
             ("ERRNO", e) => msg.errno = e.parse().ok(),
             _ => {}
         }
     }
     Ok(msg)
+}
+
+/// Replaces control characters (ESC, BEL, CR, …) in a worker's `STATUS=` text, which is
+/// shown in the operator's terminal by `clusterctl status`: a worker must not be able to
+/// move the cursor, rewrite lines or ring bells there.
+pub fn sanitize_status(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+/// Rate limit for complaints about the notify and control sockets: at most
+/// `PER_MINUTE` lines a minute, then one line saying how many were suppressed.
+#[derive(Debug, Default)]
+pub struct Complaints {
+    window: Option<std::time::Instant>,
+    logged: u32,
+    suppressed: u64,
+}
+
+/// What to do with one complaint.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Log it; `Some(n)`: first say that `n` were suppressed in the last window.
+    Log(Option<u64>),
+    /// Log it and say that further ones are suppressed for the rest of the window.
+    LogLast,
+    Suppress,
+}
+
+impl Complaints {
+    pub const PER_MINUTE: u32 = 10;
+    const WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
+    /// The decision for a complaint at `now`.
+    pub fn verdict(&mut self, now: std::time::Instant) -> Verdict {
+        let mut summary = None;
+        if self
+            .window
+            .is_none_or(|w| now.duration_since(w) >= Self::WINDOW)
+        {
+            if self.suppressed > 0 {
+                summary = Some(self.suppressed);
+            }
+            *self = Complaints {
+                window: Some(now),
+                logged: 0,
+                suppressed: 0,
+            };
+        }
+        self.logged += 1;
+        match self.logged.cmp(&Self::PER_MINUTE) {
+            std::cmp::Ordering::Less => Verdict::Log(summary),
+            std::cmp::Ordering::Equal => Verdict::LogLast,
+            std::cmp::Ordering::Greater => {
+                self.suppressed += 1;
+                Verdict::Suppress
+            }
+        }
+    }
+
+    /// Logs `msg` as a warning, rate-limited.
+    pub fn complain(&mut self, msg: std::fmt::Arguments<'_>) {
+        match self.verdict(std::time::Instant::now()) {
+            Verdict::Log(summary) => {
+                if let Some(n) = summary {
+                    tracing::warn!("suppressed {n} notify/control socket complaint(s)");
+                }
+                tracing::warn!("{msg}");
+            }
+            Verdict::LogLast => {
+                tracing::warn!("{msg}");
+                tracing::warn!(
+                    "further notify/control socket complaints are suppressed for a minute"
+                );
+            }
+            Verdict::Suppress => {}
+        }
+    }
 }
 
 /// One received datagram: who sent it and what it said.
@@ -237,6 +318,38 @@ pub fn send_upstream(msgs: &[Upstream]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_text_loses_control_characters() {
+        let m = parse(b"STATUS=ok\x1b[2J\x07\rgone\tx").unwrap();
+        assert_eq!(m.status.as_deref(), Some("ok?[2J??gone?x"));
+        assert_eq!(sanitize_status("caf\u{e9} 3/4"), "caf\u{e9} 3/4");
+    }
+
+    #[test]
+    fn complaints_are_rate_limited_per_minute() {
+        let t0 = std::time::Instant::now();
+        let mut c = Complaints::default();
+        for _ in 1..Complaints::PER_MINUTE {
+            assert_eq!(c.verdict(t0), Verdict::Log(None));
+        }
+        assert_eq!(c.verdict(t0), Verdict::LogLast);
+        for _ in 0..5 {
+            assert_eq!(
+                c.verdict(t0 + std::time::Duration::from_secs(30)),
+                Verdict::Suppress
+            );
+        }
+        // A minute later: heard again, with the count of what was suppressed.
+        assert_eq!(
+            c.verdict(t0 + std::time::Duration::from_secs(61)),
+            Verdict::Log(Some(5))
+        );
+        assert_eq!(
+            c.verdict(t0 + std::time::Duration::from_secs(62)),
+            Verdict::Log(None)
+        );
+    }
 
     #[test]
     fn parses_known_keys_and_ignores_unknown() {

@@ -133,6 +133,7 @@ pub fn acquire(specs: &[ListenSpec], reuse_port: bool) -> Result<(Listeners, Vec
         for i in 0..inh.count {
             let _ = lfd.take_raw_fd(i);
         }
+        check_inherited_open(inh.count).map_err(Error::Config)?;
         sys::adopt_inherited(inh.count)
             .map_err(|e| Error::config(format!("socket activation: {e}")))?;
         if !specs.is_empty() {
@@ -157,6 +158,20 @@ pub fn acquire(specs: &[ListenSpec], reuse_port: bool) -> Result<(Listeners, Vec
              or start clusterctl through a systemd socket unit",
         ));
     }
+    crate::config::check_listen_unique(specs).map_err(Error::Config)?;
+    for spec in specs {
+        if let Address::Tcp(a) = &spec.address
+            && a.ip().is_unspecified()
+        {
+            warnings.push(format!(
+                "--listen {} listens on every interface{}: reachable from other machines; \
+                 use --listen 127.0.0.1:{} for this machine only",
+                spec.raw,
+                if a.is_ipv6() { " (IPv4 and IPv6)" } else { "" },
+                a.port()
+            ));
+        }
+    }
     let mut fds = Vec::with_capacity(specs.len());
     let mut listeners = Listeners::default();
     for (i, spec) in specs.iter().enumerate() {
@@ -171,6 +186,24 @@ pub fn acquire(specs: &[ListenSpec], reuse_port: bool) -> Result<(Listeners, Vec
     sys::place_at_3(fds).context(|| "cannot place listening sockets at fds 3..".into())?;
     listeners.addresses = (0..specs.len()).map(local_address).collect();
     Ok((listeners, warnings))
+}
+
+/// Each of fds 3..3+n must be open before it is adopted; a missing one is named (instead
+/// of a bare "Bad file descriptor").
+fn check_inherited_open(n: usize) -> Result<(), String> {
+    for fd in 3..3 + n {
+        if std::fs::symlink_metadata(format!("/proc/self/fd/{fd}")).is_err()
+            && std::path::Path::new("/proc/self/fd").is_dir()
+        {
+            return Err(format!(
+                "invalid socket activation environment: LISTEN_FDS={n} promises fds 3..{}, \
+                 but fd {fd} is not open (whatever started clusterctl closed it or passed \
+                 fewer sockets)",
+                2 + n
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The local address of listening socket `i`, for humans.
@@ -190,6 +223,8 @@ fn local_address(i: usize) -> String {
     }
 }
 
+/// `listen()` backlog, the same as the generated socket unit's `Backlog=` (the kernel caps
+/// it at net.core.somaxconn); a server that calls `listen()` again sets its own.
 const BACKLOG: i32 = 4096;
 
 fn bind_one(spec: &ListenSpec, reuse_port: bool) -> Result<(OwnedFd, Option<PathBuf>)> {
@@ -217,6 +252,9 @@ fn bind_one(spec: &ListenSpec, reuse_port: bool) -> Result<(OwnedFd, Option<Path
                 }
             };
             res.map_err(|e| bind_error(spec, e, reuse_port))?;
+            // As the socket unit's NoDelay=true: accepted connections inherit TCP_NODELAY,
+            // so servers that do not set it themselves answer small requests at once.
+            setsockopt(&fd, sockopt::TcpNoDelay, &true).context(what)?;
             listen(&fd, Backlog::new(BACKLOG).unwrap_or(Backlog::MAXCONN)).context(what)?;
             Ok((fd, None))
         }
@@ -275,6 +313,40 @@ fn remove_stale_unix_socket(path: &std::path::Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bound_tcp_socket_has_the_socket_units_options() {
+        // Port 0 is refused on the command line; a test may bind it directly.
+        let spec = ListenSpec {
+            name: None,
+            address: Address::Tcp("127.0.0.1:0".parse().unwrap()),
+            raw: "127.0.0.1:0".into(),
+        };
+        let (fd, _) = bind_one(&spec, false).unwrap();
+        assert!(nix::sys::socket::getsockopt(&fd, sockopt::TcpNoDelay).unwrap());
+        // Accepted connections inherit TCP_NODELAY, as with the socket unit's NoDelay=true.
+        let listener = std::net::TcpListener::from(fd);
+        let port = listener.local_addr().unwrap().port();
+        let client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (conn, _) = listener.accept().unwrap();
+        assert!(
+            conn.nodelay().unwrap(),
+            "accepted connection has TCP_NODELAY"
+        );
+        assert!(!client.nodelay().unwrap(), "the client side is untouched");
+    }
+
+    #[test]
+    fn missing_inherited_fd_is_named() {
+        // fds far above anything this test process has open.
+        let err = check_inherited_open(4000).unwrap_err();
+        assert!(
+            err.contains("LISTEN_FDS=4000") && err.contains("is not open"),
+            "{err}"
+        );
+        assert!(err.contains("fd "), "{err}");
+        assert!(check_inherited_open(0).is_ok());
+    }
 
     #[test]
     fn listen_env_parsing() {

@@ -21,6 +21,11 @@ pub struct WorkerRow {
     pub rss_bytes: Option<u64>,
     pub cpu_seconds: Option<f64>,
     pub status: Option<String>,
+    /// Processes in the worker's tree: the worker and its descendants (a nested master
+    /// such as `gunicorn -w 4` is 5).
+    pub processes: Option<u32>,
+    /// RSS summed over the worker's tree.
+    pub tree_rss_bytes: Option<u64>,
     /// Workers of this slot replaced by recycling (`--max-worker-memory`/`-age`)...
     pub recycles: u32,
     /// ... and the last one: (how long ago, `memory` | `age`, the measured value).
@@ -73,17 +78,64 @@ fn proc_usage(pid: i32) -> (Option<u64>, Option<f64>) {
 }
 
 /// Builds the report from the supervisor's state.
+/// Parent → children, from one pass over `/proc`.
+fn process_children() -> std::collections::HashMap<i32, Vec<i32>> {
+    let mut map: std::collections::HashMap<i32, Vec<i32>> = std::collections::HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return map;
+    };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let parent = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
+            .and_then(|p| p.parse::<i32>().ok());
+        if let Some(parent) = parent {
+            map.entry(parent).or_default().push(pid);
+        }
+    }
+    map
+}
+
+/// The descendants of `pid` (not `pid` itself), bounded.
+fn descendants(children: &std::collections::HashMap<i32, Vec<i32>>, pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        for &c in children.get(&p).map_or(&[][..], Vec::as_slice) {
+            if out.len() < 100_000 && c != pid && !out.contains(&c) {
+                out.push(c);
+                todo.push(c);
+            }
+        }
+    }
+    out
+}
+
 pub fn report(
     state: &State,
     sockets: Vec<(String, String)>,
     started: Instant,
     now: Instant,
 ) -> Report {
+    let children = if state.workers.is_empty() {
+        std::collections::HashMap::new()
+    } else {
+        process_children()
+    };
     let mut workers: Vec<WorkerRow> = state
         .workers
         .iter()
         .map(|w| {
             let (rss, cpu) = proc_usage(w.pid.as_raw());
+            let tree = descendants(&children, w.pid.as_raw());
+            let tree_rss =
+                rss.map(|own| own + tree.iter().filter_map(|p| proc_usage(*p).0).sum::<u64>());
             let slot = state.slots.get(w.slot as usize);
             let current = slot.is_some_and(|s| s.generation == w.generation);
             WorkerRow {
@@ -117,6 +169,8 @@ pub fn report(
                 rss_bytes: rss,
                 cpu_seconds: cpu,
                 status: w.status.clone(),
+                processes: rss.map(|_| 1 + u32::try_from(tree.len()).unwrap_or(u32::MAX)),
+                tree_rss_bytes: tree_rss,
                 recycles: if current {
                     slot.map_or(0, |s| s.recycles)
                 } else {
@@ -144,6 +198,8 @@ pub fn report(
                 rss_bytes: None,
                 cpu_seconds: None,
                 status: None,
+                processes: None,
+                tree_rss_bytes: None,
                 recycles: s.recycles,
                 last_recycle: s
                     .last_recycle
@@ -227,7 +283,7 @@ impl Report {
         }
         let _ = writeln!(
             o,
-            "{:>4} {:>8} {:>4} {:<11} {:>8} {:>8} {:<16} {:>8} {:>8} {:>8} {:<18}  STATUS",
+            "{:>4} {:>8} {:>4} {:<11} {:>8} {:>8} {:<16} {:>5} {:>8} {:>8} {:>8} {:<18}  STATUS",
             "SLOT",
             "PID",
             "GEN",
@@ -235,6 +291,7 @@ impl Report {
             "UPTIME",
             "RESTARTS",
             "LAST EXIT",
+            "PROCS",
             "RSS",
             "CPU",
             "RECYCLES",
@@ -243,7 +300,7 @@ impl Report {
         for w in &self.workers {
             let _ = writeln!(
                 o,
-                "{:>4} {:>8} {:>4} {:<11} {:>8} {:>8} {:<16} {:>8} {:>8} {:>8} {:<18}  {}",
+                "{:>4} {:>8} {:>4} {:<11} {:>8} {:>8} {:<16} {:>5} {:>8} {:>8} {:>8} {:<18}  {}",
                 w.slot,
                 w.pid.map_or("-".into(), |p| p.to_string()),
                 w.generation,
@@ -251,7 +308,8 @@ impl Report {
                 w.uptime.map_or("-".into(), |u| format!("{}s", secs(u))),
                 w.restarts,
                 w.last_exit.as_deref().unwrap_or("-"),
-                w.rss_bytes.map_or("-".into(), human_bytes),
+                w.processes.map_or("-".into(), |n| n.to_string()),
+                w.tree_rss_bytes.map_or("-".into(), human_bytes),
                 w.cpu_seconds.map_or("-".into(), |c| format!("{c:.2}s")),
                 w.recycles,
                 w.last_recycle
@@ -308,7 +366,7 @@ impl Report {
             }
             let _ = write!(
                 o,
-                "{{\"slot\":{},\"pid\":{},\"generation\":{},\"state\":{},\"uptime_seconds\":{},\"restarts\":{},\"last_exit\":{},\"rss_bytes\":{},\"cpu_seconds\":{},\"status\":{},\"recycles\":{},\"last_recycle\":{}}}",
+                "{{\"slot\":{},\"pid\":{},\"generation\":{},\"state\":{},\"uptime_seconds\":{},\"restarts\":{},\"last_exit\":{},\"rss_bytes\":{},\"cpu_seconds\":{},\"status\":{},\"processes\":{},\"tree_rss_bytes\":{},\"recycles\":{},\"last_recycle\":{}}}",
                 w.slot,
                 w.pid.map_or("null".into(), |p| p.to_string()),
                 w.generation,
@@ -319,6 +377,8 @@ impl Report {
                 w.rss_bytes.map_or("null".into(), |b| b.to_string()),
                 w.cpu_seconds.map_or("null".into(), |c| format!("{c:.2}")),
                 w.status.as_deref().map_or("null".into(), jstr),
+                w.processes.map_or("null".into(), |n| n.to_string()),
+                w.tree_rss_bytes.map_or("null".into(), |b| b.to_string()),
                 w.recycles,
                 w.last_recycle
                     .as_ref()
@@ -363,6 +423,28 @@ mod tests {
     #[test]
     fn json_strings_are_escaped() {
         assert_eq!(jstr("a\"b\\c\nd\u{1}é"), "\"a\\\"b\\\\c\\nd\\u0001é\"");
+    }
+
+    #[test]
+    fn a_process_tree_is_found_through_parents() {
+        let mut children = std::collections::HashMap::new();
+        children.insert(10, vec![11, 12]);
+        children.insert(12, vec![13]);
+        children.insert(99, vec![100]);
+        let mut d = descendants(&children, 10);
+        d.sort_unstable();
+        assert_eq!(d, vec![11, 12, 13]);
+        assert!(descendants(&children, 13).is_empty());
+        // Our own child shows up in a real /proc scan.
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let me = i32::try_from(std::process::id()).unwrap();
+        let found = descendants(&process_children(), me);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(found.contains(&i32::try_from(child.id()).unwrap()));
     }
 
     #[test]

@@ -32,6 +32,9 @@ pub struct ExecPlan {
     devnull: RawFd,
     /// If set, becomes the worker's stdout and stderr (a journal stream of its own).
     output: Option<RawFd>,
+    /// The soft `RLIMIT_NOFILE` the supervisor was started with, restored for the worker
+    /// (see [`raise_nofile`]); `None` if it was not changed.
+    nofile: Option<libc::rlimit>,
 }
 
 /// Room for the decimal digits of any pid, plus the NUL terminator.
@@ -97,6 +100,13 @@ impl ExecPlan {
             parent: std::process::id().cast_signed(),
             devnull: devnull.as_raw_fd(),
             output: output.map(AsRawFd::as_raw_fd),
+            nofile: ORIGINAL_NOFILE
+                .get()
+                .copied()
+                .map(|(cur, max)| libc::rlimit {
+                    rlim_cur: cur,
+                    rlim_max: max,
+                }),
         })
     }
 }
@@ -170,6 +180,12 @@ pub fn spawn_start(plan: &mut ExecPlan) -> io::Result<Started> {
     })
 }
 
+impl Started {
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+}
+
 /// Waits until the started worker has executed its program (or failed to): its pid, or
 /// the OS error of the failed `execve` (reported through the close-on-exec pipe, as std's
 /// `Command` does; the failed child is reaped here).
@@ -204,7 +220,7 @@ unsafe fn child_after_fork(
     err_fd: RawFd,
 ) -> ! {
     // SAFETY: every call below is async-signal-safe and operates on memory owned by this
-    // (single-threaded) child process; see `spawn`.
+    // (single-threaded) child process; see `spawn`. (setrlimit is a plain system call.)
     unsafe {
         let fail = |err_fd: RawFd| -> ! {
             let e = *libc::__errno_location();
@@ -249,6 +265,13 @@ unsafe fn child_after_fork(
         libc::sigemptyset(&raw mut empty);
         libc::sigprocmask(libc::SIG_SETMASK, &raw const empty, std::ptr::null_mut());
 
+        // The supervisor raised its soft fd limit; programs expect the usual one (select()
+        // breaks above 1024).
+        if let Some(lim) = &plan.nofile
+            && libc::setrlimit(libc::RLIMIT_NOFILE, lim) != 0
+        {
+            fail(err_fd);
+        }
         if libc::dup2(plan.devnull, 0) < 0 {
             fail(err_fd);
         }
@@ -364,6 +387,184 @@ pub fn set_child_subreaper() -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Opens /dev/null on any of fds 0, 1, 2 that is closed (`clusterctl run … 2>&-`), so
+/// that no socket or file opened later lands there and receives log lines or a worker's
+/// output by mistake.
+pub fn ensure_std_fds() {
+    for fd in 0..3 {
+        // SAFETY: F_GETFD only queries the descriptor flags of a number; no memory involved.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } != -1 {
+            continue;
+        }
+        // SAFETY: open() of a constant NUL-terminated path; the result is checked.
+        let new = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) };
+        if new >= 0 && new != fd {
+            // SAFETY: dup2 onto a number we found closed, then close our temporary fd.
+            unsafe {
+                libc::dup2(new, fd);
+                libc::close(new);
+            }
+        }
+    }
+}
+
+/// The `RLIMIT_NOFILE` (soft, hard) the process started with, once [`raise_nofile`] raised
+/// the soft limit.
+static ORIGINAL_NOFILE: std::sync::OnceLock<(libc::rlim_t, libc::rlim_t)> =
+    std::sync::OnceLock::new();
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (systemd's default soft limit of 1024
+/// is meant for select() users; the supervisor holds one fd per control client). Workers get
+/// the original soft limit back before exec. Returns (old soft, new soft).
+pub fn raise_nofile() -> io::Result<(u64, u64)> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+        let _ = ORIGINAL_NOFILE.set((soft, hard));
+    }
+    Ok((soft, hard.max(soft)))
+}
+
+/// The current soft `RLIMIT_NOFILE`.
+pub fn nofile_limit() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft)
+}
+
+/// The guardian: a tiny child process that outlives a SIGKILLed supervisor just long enough
+/// to SIGKILL the process groups of its workers (with everything the workers started in
+/// them), then exits. It learns the groups through a pipe (4-byte messages: `+pgid` when a
+/// worker starts, `-pgid` once it is reaped) and notices the supervisor's death as EOF on
+/// that pipe: the supervisor holds the only write end (close-on-exec, so workers never get
+/// it). It blocks every signal but SIGKILL, sits in its own process group, and keeps no fd
+/// but the pipe's read end (stdio is /dev/null): it holds no socket, port or terminal.
+#[derive(Debug)]
+pub struct Guardian {
+    pid: Pid,
+    pipe: std::fs::File,
+    /// A message could not be written (the guardian is gone or not reading).
+    pub broken: bool,
+}
+
+/// Worker groups the guardian can track at once (two full generations of the largest
+/// pool, during a reload).
+const GUARDED: usize = 2 * 4096 + 64;
+
+impl Guardian {
+    /// Forks the guardian. Call from the main thread; the child only makes async-signal-safe
+    /// calls on memory allocated before the fork.
+    pub fn start() -> io::Result<Guardian> {
+        let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        let mut groups: Vec<libc::pid_t> = Vec::with_capacity(GUARDED);
+        let mut buf = [0u8; 4096];
+        let rd_fd = rd.as_raw_fd();
+        // SAFETY: fork() with everything the child uses (groups, buf) allocated before; the
+        // child calls `guardian_main`, which only makes async-signal-safe calls, and never
+        // returns into Rust code that could allocate, lock or unwind.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if pid == 0 {
+            // SAFETY: we are the freshly forked child; see above.
+            unsafe { guardian_main(rd_fd, &mut groups, &mut buf) }
+        }
+        drop(rd);
+        let pipe = std::fs::File::from(wr);
+        // SAFETY: F_SETFL on the pipe's write end we own.
+        unsafe {
+            let fl = libc::fcntl(pipe.as_raw_fd(), libc::F_GETFL);
+            libc::fcntl(pipe.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+        }
+        Ok(Guardian {
+            pid: Pid::from_raw(pid),
+            pipe,
+            broken: false,
+        })
+    }
+
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// Tells the guardian about a worker's process group (`add`) or that it is gone.
+    pub fn track(&mut self, pgid: Pid, add: bool) {
+        let v = if add { pgid.as_raw() } else { -pgid.as_raw() };
+        // A 4-byte write to a pipe is atomic; never blocks (O_NONBLOCK).
+        match io::Write::write(&mut &self.pipe, &v.to_ne_bytes()) {
+            Ok(4) => {}
+            _ => self.broken = true,
+        }
+    }
+}
+
+/// The guardian's whole life. Never returns.
+///
+/// # Safety
+/// Only in the child right after `fork`; `groups` and `buf` are this process's own copies.
+unsafe fn guardian_main(rd: RawFd, groups: &mut Vec<libc::pid_t>, buf: &mut [u8; 4096]) -> ! {
+    // SAFETY: async-signal-safe calls only (sigprocmask, setpgid, prctl, open, dup2, close_range,
+    // close, read, kill, _exit); `groups` never grows past the capacity allocated before
+    // the fork, so push never allocates.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&raw mut all);
+        libc::sigprocmask(libc::SIG_SETMASK, &raw const all, std::ptr::null_mut());
+        libc::setpgid(0, 0);
+        // Shown by ps/top, so that operators know what the second process is.
+        libc::prctl(libc::PR_SET_NAME, c"clusterctl-guard".as_ptr());
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if null >= 0 {
+            for fd in 0..3 {
+                if fd != rd {
+                    libc::dup2(null, fd);
+                }
+            }
+        }
+        // Every other fd goes: listening sockets, the control socket, the journal.
+        let max = libc::c_uint::MAX;
+        let rd_u = libc::c_uint::try_from(rd).unwrap_or(3);
+        if (rd_u > 3 && libc::syscall(libc::SYS_close_range, 3 as libc::c_uint, rd_u - 1, 0) != 0)
+            || libc::syscall(libc::SYS_close_range, rd_u + 1, max, 0) != 0
+        {
+            for fd in 3..65536 {
+                if fd != rd {
+                    libc::close(fd);
+                }
+            }
+        }
+        let mut have = 0usize;
+        loop {
+            let n = libc::read(rd, buf.as_mut_ptr().add(have).cast(), buf.len() - have);
+            if n < 0 && *libc::__errno_location() == libc::EINTR {
+                continue;
+            }
+            if n <= 0 {
+                break;
+            }
+            have += usize::try_from(n).unwrap_or(0);
+            let whole = have - have % 4;
+            for chunk in buf[..whole].chunks_exact(4) {
+                let v = libc::pid_t::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+                if v > 0 {
+                    if groups.len() < groups.capacity() {
+                        groups.push(v);
+                    }
+                } else if let Some(i) = groups.iter().position(|g| *g == -v) {
+                    groups.swap_remove(i);
+                }
+            }
+            buf.copy_within(whole..have, 0);
+            have -= whole;
+        }
+        for g in groups.iter() {
+            libc::kill(-*g, libc::SIGKILL);
+        }
+        libc::_exit(0)
+    }
 }
 
 /// `CLOCK_MONOTONIC` in microseconds, as systemd expects in `MONOTONIC_USEC=`.

@@ -2,10 +2,13 @@
 //! module is listed here, so they share one compilation and the `support`
 //! helpers (Cargo's `autotests` is off; see Cargo.toml).
 
+mod cli;
+mod faults;
 mod gen_units;
 mod policy;
 mod recycle;
 mod run;
+mod servers;
 mod support;
 mod systemd_e2e;
 mod systemd_smoke;

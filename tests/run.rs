@@ -834,7 +834,7 @@ fn slow_control_client_does_not_stall_the_supervisor() {
     let dir = TempDir::new("slow-client");
     let sup = Run::new(&dir)
         .workers_on_free_port(1)
-        .args(&["--restart-delay", "0"])
+        .args(&["--restart-delay", "0..1ms"])
         .spawn();
     let first = sup.wait_workers(1, 1);
     let mut slow = std::os::unix::net::UnixStream::connect(&sup.control).unwrap();
@@ -870,20 +870,20 @@ fn slow_control_client_does_not_stall_the_supervisor() {
 fn a_stalled_log_reader_does_not_freeze_the_supervisor() {
     let dir = TempDir::new("stalled-log");
     let control = dir.join("control.sock");
-    // 300 workers log ~600 lines at start: far more than a 64 KiB pipe holds.
+    // 500 workers log ~1000 lines (~80 bytes each) at start: more than a 64 KiB pipe holds.
     let child = std::process::Command::new(clusterctl())
         .args([
             "run",
             "--listen",
             &format!("127.0.0.1:{}", free_port()),
             "--workers",
-            "300",
+            "500",
         ])
         .args([
             "--ready",
             "exec",
             "--restart-delay",
-            "0",
+            "0..1ms",
             "--log",
             "stderr",
             "--control",
@@ -898,9 +898,9 @@ fn a_stalled_log_reader_does_not_freeze_the_supervisor() {
     // SIGKILL on every exit path (its workers follow through PR_SET_PDEATHSIG).
     let _guard = SigkillOnDrop(child);
     let status = || ctl(&["status", "--json"], &control);
-    let out = wait_for("300 workers", SECS(60), || {
+    let out = wait_for("500 workers", SECS(60), || {
         let (code, out, _) = status();
-        (code == 0 && out.contains("\"status\":\"300/300 workers ready")).then_some(out)
+        (code == 0 && out.contains("\"status\":\"500/500 workers ready")).then_some(out)
     });
     assert!(
         !out.contains("\"log_lines_dropped\":0}") && out.contains("\"log_lines_dropped\":"),

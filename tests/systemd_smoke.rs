@@ -1,7 +1,8 @@
 //! Smoke tests for the systemd test harness (`support::systemd`): they prove
-//! that an instance boots, runs socket-activated `Type=notify` services (also
-//! heavily sandboxed ones), keeps parallel instances apart and leaves nothing
-//! behind on the host, so later integration tests can rely on it.
+//! that an instance boots (systemd 252; the `_257` variants also 257), runs
+//! socket-activated `Type=notify` services (also heavily sandboxed ones), keeps
+//! parallel instances apart and leaves nothing behind on the host, so later
+//! integration tests can rely on it.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -13,7 +14,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::support::systemd::Systemd;
+use crate::support::systemd::{Systemd, Version};
 use crate::support::{free_port, wait_until};
 
 /// Socket-activated worker: takes the listening socket as fd 3, reports
@@ -77,10 +78,26 @@ const HELPER_ENV: &str = "CLUSTERCTL_HARNESS_PDEATHSIG_HELPER";
 const HELPER_MARKER: &str = "HELPER PID1=";
 
 #[test]
-fn boots_and_reports_running() {
-    let Some(systemd) = Systemd::boot() else {
+fn boots_and_reports_running_252() {
+    boots_and_reports_running(Version::V252);
+}
+
+#[test]
+fn boots_and_reports_running_257() {
+    boots_and_reports_running(Version::V257);
+}
+
+fn boots_and_reports_running(version: Version) {
+    let Some(systemd) = Systemd::boot_version(version) else {
         return;
     };
+    assert_eq!(systemd.version(), version);
+    let banner = systemd.systemctl(&["--version"]);
+    let banner = String::from_utf8_lossy(&banner.stdout);
+    assert!(
+        banner.starts_with(&format!("systemd {} (", version.number())),
+        "PID 1 is not {version}: {banner}"
+    );
     let state = systemd.systemctl(&["is-system-running"]);
     let state = String::from_utf8_lossy(&state.stdout);
     assert!(
@@ -145,8 +162,17 @@ fn socket_activation_end_to_end() {
 }
 
 #[test]
-fn hardened_service_with_dynamic_user_and_private_users() {
-    let Some(systemd) = Systemd::boot() else {
+fn hardened_service_with_dynamic_user_and_private_users_252() {
+    hardened_service_with_dynamic_user_and_private_users(Version::V252);
+}
+
+#[test]
+fn hardened_service_with_dynamic_user_and_private_users_257() {
+    hardened_service_with_dynamic_user_and_private_users(Version::V257);
+}
+
+fn hardened_service_with_dynamic_user_and_private_users(version: Version) {
+    let Some(systemd) = Systemd::boot_version(version) else {
         return;
     };
     let port = install_worker(&systemd, "hardened", HARDENING);
@@ -177,9 +203,18 @@ fn hardened_service_with_dynamic_user_and_private_users() {
 }
 
 #[test]
-fn teardown_leaves_nothing_behind() {
+fn teardown_leaves_nothing_behind_252() {
+    teardown_leaves_nothing_behind(Version::V252);
+}
+
+#[test]
+fn teardown_leaves_nothing_behind_257() {
+    teardown_leaves_nothing_behind(Version::V257);
+}
+
+fn teardown_leaves_nothing_behind(version: Version) {
     let mounts_before = host_mounts();
-    let Some(systemd) = Systemd::boot() else {
+    let Some(systemd) = Systemd::boot_version(version) else {
         return;
     };
     let pid1 = systemd.pid1();

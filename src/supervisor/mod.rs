@@ -27,7 +27,7 @@ use self::state::{Config, State};
 use crate::cli::RunArgs;
 use crate::control::{ControlSocket, Request};
 use crate::error::{Context, Error, Result};
-use crate::notify::{self, NotifySocket, Upstream};
+use crate::notify::{self, Complaints, NotifySocket, Upstream};
 use crate::sockets::{self, Listeners};
 use crate::sys;
 
@@ -64,12 +64,35 @@ const EXTEND_BY: Duration = Duration::from_secs(15);
 
 /// Runs the supervisor until it is stopped; returns the exit code.
 pub fn run(args: RunArgs) -> Result<u8> {
+    // Cross-option rules and socket path lengths, shared with gen-units (config errors, 78).
+    args.opts.validate().map_err(Error::Config)?;
+    crate::config::check_socket_paths(
+        args.control.as_deref(),
+        crate::config::runtime_directory().as_deref(),
+    )
+    .map_err(Error::Config)?;
     // Sockets first: in bind mode they must land at fds 3.. before anything else opens fds.
     let (listeners, warnings) = sockets::acquire(&args.listen, args.reuse_port)?;
+    let nofile = sys::raise_nofile();
+    // Forked from the main thread before the log thread exists; it keeps none of our fds.
+    let guardian = sys::Guardian::start();
     let log_warning = crate::log::init(args.log);
     for w in warnings.iter().chain(&log_warning) {
         tracing::warn!("{w}");
     }
+    if let Err(e) = &nofile {
+        tracing::warn!("cannot raise the open-files limit: {e}");
+    }
+    let guardian = match guardian {
+        Ok(g) => Some(g),
+        Err(e) => {
+            tracing::warn!(
+                "cannot start the guardian process ({e}): if the supervisor is SIGKILLed, \
+                 processes started by workers may outlive it"
+            );
+            None
+        }
+    };
     let program = resolve_command(&args.command[0])?;
     let workers = args.opts.workers.resolve();
     let cfg = Config {
@@ -93,13 +116,20 @@ pub fn run(args: RunArgs) -> Result<u8> {
         return Err(Error::config("--worker-watchdog must be at least 10ms"));
     }
     let pidfile = args.pidfile.as_deref().map(Pidfile::create).transpose()?;
-    let control_path = args.control.clone().or_else(ControlSocket::default_path);
-    let control = control_path
-        .as_deref()
-        .map(ControlSocket::bind)
-        .transpose()?;
+    let control = match args.control.clone().or_else(ControlSocket::default_path) {
+        Some(path) => Some(ControlSocket::bind(&path)?),
+        // Run by hand: a control socket of its own, found by `clusterctl status`.
+        None => match ControlSocket::bind_by_hand(&program) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!("no control socket ({e}); give --control PATH to have one");
+                None
+            }
+        },
+    };
     let rolling = args.opts.reload_strategy == crate::cli::ReloadStrategy::Rolling;
     let mut sup = Executor::new(cfg, listeners, program, args.command, control, rolling)?;
+    sup.guardian = guardian;
     let code = sup.run();
     drop(pidfile);
     code
@@ -222,12 +252,20 @@ struct Executor {
     base_env: Vec<(OsString, OsString)>,
     devnull: OwnedFd,
     exit: Option<u8>,
-    /// Noise from strangers and garbage datagrams: logged up to a limit.
-    complaints: u32,
+    /// Noise from strangers and garbage datagrams: rate-limited.
+    complaints: Complaints,
     upstream_failed: bool,
     control: Option<ControlSocket>,
     /// Control clients whose request line has not fully arrived.
     clients: Vec<crate::control::Client>,
+    /// Answers still being written (clients that read slowly).
+    outgoing: Vec<crate::control::Outgoing>,
+    /// Pending control clients at most (the oldest silent one is closed for a new one).
+    max_clients: usize,
+    /// The control listener is not polled until then (accept failed: out of fds).
+    accept_paused: Option<Instant>,
+    /// Kills the workers' process groups if the supervisor is SIGKILLed.
+    guardian: Option<sys::Guardian>,
     /// Clients waiting for a reload's outcome (`reload --wait`), by ticket.
     waiting: Vec<(event::Ticket, std::os::unix::net::UnixStream)>,
     next_ticket: event::Ticket,
@@ -277,8 +315,13 @@ impl Executor {
         let devnull: OwnedFd = std::fs::File::open("/dev/null")
             .context(|| "cannot open /dev/null".into())?
             .into();
+        // A JOURNAL_STREAM that does not name our stderr is stale (inherited from a shell
+        // started under systemd): workers, which share our stderr or get their own stream,
+        // must not believe it.
+        let stale_journal = !crate::log::stderr_is_journal();
         let mut base_env: Vec<(OsString, OsString)> = std::env::vars_os()
             .filter(|(k, _)| !STRIPPED_ENV.iter().any(|s| k == *s))
+            .filter(|(k, _)| !(stale_journal && k == "JOURNAL_STREAM"))
             .collect();
         base_env.push(("LISTEN_FDS".into(), listeners.len().to_string().into()));
         base_env.push(("LISTEN_FDNAMES".into(), listeners.names.join(":").into()));
@@ -332,10 +375,14 @@ impl Executor {
             base_env,
             devnull,
             exit: None,
-            complaints: 0,
+            complaints: Complaints::default(),
             upstream_failed: false,
             control,
             clients: Vec::new(),
+            outgoing: Vec::new(),
+            max_clients: crate::control::client_cap(),
+            accept_paused: None,
+            guardian: None,
             waiting: Vec::new(),
             next_ticket: 1,
             rolling,
@@ -384,6 +431,8 @@ impl Executor {
             self.next_extend,
             self.next_sample,
             self.clients.iter().map(|c| c.deadline).min(),
+            self.outgoing.iter().map(|c| c.deadline).min(),
+            self.accept_paused,
         ]
         .into_iter()
         .flatten()
@@ -405,13 +454,18 @@ impl Executor {
                 PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
                 PollFd::new(self.notify.as_fd(), PollFlags::POLLIN),
             ];
-            let control = self.control.is_some();
-            if let Some(c) = &self.control {
+            let paused = self.accept_paused.is_some_and(|t| t > Instant::now());
+            let control = self.control.is_some() && !paused;
+            if let Some(c) = self.control.as_ref().filter(|_| control) {
                 fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
             }
             // Control clients whose request is still arriving: served in serve_control.
             for c in &self.clients {
                 fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
+            }
+            // Answers that did not fit at once: finished when the client reads.
+            for o in &self.outgoing {
+                fds.push(PollFd::new(o.as_fd(), PollFlags::POLLOUT));
             }
             // Holding the sockets without workers: a connection makes a listener readable.
             if idle {
@@ -424,7 +478,8 @@ impl Executor {
                 Err(e) => return Err(e).context(|| "poll failed".into()),
             }
             let r = |f: Option<&PollFd>| f.and_then(PollFd::revents).is_some_and(|r| !r.is_empty());
-            let first_listener = (if control { 3 } else { 2 }) + self.clients.len();
+            let first_listener =
+                (if control { 3 } else { 2 }) + self.clients.len() + self.outgoing.len();
             if idle && fds[first_listener..].iter().any(|f| r(Some(f))) {
                 events.push(Event::Traffic { busy: true });
             }
@@ -438,6 +493,13 @@ impl Executor {
         }
         if control_ready || !self.clients.is_empty() {
             self.serve_control(control_ready, &mut events);
+        }
+        if !self.outgoing.is_empty() {
+            let now = Instant::now();
+            self.outgoing.retain_mut(|o| !o.flush(now));
+        }
+        if self.accept_paused.is_some_and(|t| t <= Instant::now()) {
+            self.accept_paused = None;
         }
         events.push(Event::Tick);
         Ok(events)
@@ -507,9 +569,12 @@ impl Executor {
     /// Accepts new control clients and serves those whose request line is complete;
     /// clients past their deadline get an error answer. Never blocks on a client.
     fn serve_control(&mut self, accept: bool, events: &mut Vec<Event>) {
-        if accept && let Some(control) = &self.control {
-            while let Some(c) = control.accept() {
-                self.clients.push(c);
+        if accept {
+            for (stream, r) in self.accept_clients() {
+                match r {
+                    Ok(request) => self.handle_request(stream, request, events),
+                    Err(e) => self.reply(stream, Err(e)),
+                }
             }
         }
         let now = Instant::now();
@@ -528,11 +593,75 @@ impl Executor {
                     let stream = self.clients.swap_remove(i).into_stream();
                     match r {
                         Ok(request) => self.handle_request(stream, request, events),
-                        Err(e) => crate::control::answer(stream, Err(e)),
+                        Err(e) => self.reply(stream, Err(e)),
                     }
                 }
                 None => i += 1,
             }
+        }
+    }
+
+    /// Accepts every waiting client; returns those whose request had already arrived (most
+    /// clients send it right after connecting), to be served at once. At most
+    /// `max_clients` stay pending: the oldest (silent) one is closed to make room. Out of
+    /// fds (EMFILE), the oldest pending client is closed and accept retried; with none to
+    /// close, the listener is not polled for a moment: never a busy loop.
+    fn accept_clients(
+        &mut self,
+    ) -> Vec<(
+        std::os::unix::net::UnixStream,
+        std::result::Result<Request, String>,
+    )> {
+        const PAUSE: Duration = Duration::from_millis(250);
+        let mut ready = Vec::new();
+        let Some(control) = &self.control else {
+            return ready;
+        };
+        // Bounded per wake-up, so that a client flood cannot keep the loop here.
+        for _ in 0..1024 {
+            match control.accept() {
+                Ok(None) => break,
+                Ok(Some(mut c)) => {
+                    if let Some(r) = c.read_request() {
+                        ready.push((c.into_stream(), r));
+                    } else {
+                        if self.clients.len() >= self.max_clients {
+                            self.clients.remove(0);
+                        }
+                        self.clients.push(c);
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(nix::libc::EMFILE | nix::libc::ENFILE)
+                    ) && !self.clients.is_empty() =>
+                {
+                    self.clients.remove(0);
+                }
+                Err(e) => {
+                    self.complaints.complain(format_args!(
+                        "control socket: cannot accept a client ({e}); pausing for {PAUSE:?}"
+                    ));
+                    self.accept_paused = Some(Instant::now() + PAUSE);
+                    break;
+                }
+            }
+        }
+        ready
+    }
+
+    /// Answers a control client (without blocking; see `control::answer`).
+    fn reply(
+        &mut self,
+        stream: std::os::unix::net::UnixStream,
+        result: std::result::Result<String, String>,
+    ) {
+        if let Some(o) = crate::control::answer(stream, result) {
+            if self.outgoing.len() >= self.max_clients {
+                self.outgoing.remove(0);
+            }
+            self.outgoing.push(o);
         }
     }
 
@@ -550,7 +679,7 @@ impl Executor {
                 } else {
                     format!("\n{}", report.text())
                 };
-                crate::control::answer(stream, Ok(text));
+                self.reply(stream, Ok(text));
             }
             // The client gets the state machine's own answer (`Action::Answer` or
             // `ReloadFinished`), never one guessed before the transition ran.
@@ -655,6 +784,16 @@ impl Executor {
             };
             if self.state.worker(pid).is_some() {
                 let _ = killpg(pid, Signal::SIGKILL);
+                if let Some(g) = &mut self.guardian {
+                    g.track(pid, false);
+                }
+            }
+            if self.guardian.as_ref().is_some_and(|g| g.pid() == pid) {
+                tracing::warn!(
+                    "the guardian process (pid {pid}) is gone: if the supervisor is SIGKILLed, \
+                     processes started by workers may outlive it"
+                );
+                self.guardian = None;
             }
             let how = match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(_, code)) => ExitKind::Code(code),
@@ -671,51 +810,49 @@ impl Executor {
                 Ok(Some(dg)) => dg,
                 Ok(None) => return,
                 Err(e) => {
-                    self.complain(format_args!("notify socket: {e}"));
+                    self.complaints.complain(format_args!("notify socket: {e}"));
                     return;
                 }
             };
             let Some(sender) = dg.pid else {
-                self.complain(format_args!(
+                self.complaints.complain(format_args!(
                     "ignoring a notify datagram without credentials"
                 ));
                 continue;
             };
             let Some(pid) = self.attribute(sender) else {
-                self.complain(format_args!(
+                self.complaints.complain(format_args!(
                     "ignoring a notify datagram from pid {sender}, which is not a worker"
                 ));
                 continue;
             };
             match dg.msg {
                 Ok(msg) => events.push(Event::Notify { pid, msg }),
-                Err(why) => self.complain(format_args!(
+                Err(why) => self.complaints.complain(format_args!(
                     "ignoring a notify datagram from worker pid {pid}: {why}"
                 )),
             }
         }
     }
 
-    /// The worker a notify sender belongs to: the worker itself, or a process in its
-    /// process group (such as `systemd-notify --ready` run by a worker's shell script).
+    /// The worker a notify sender belongs to: the worker itself, or one of its descendants
+    /// (such as `systemd-notify --ready` run by a worker's shell script), found through
+    /// the parent chain in `/proc/PID/stat`. Sharing a worker's process group is not
+    /// enough: any process of the same user can join it.
     fn attribute(&self, sender: Pid) -> Option<Pid> {
-        if self.state.worker(sender).is_some() {
-            return Some(sender);
-        }
-        let stat = std::fs::read_to_string(format!("/proc/{sender}/stat")).ok()?;
-        let pgrp = parse_pgrp(&stat)?;
-        self.state.worker(pgrp).map(|w| w.pid)
-    }
-
-    fn complain(&mut self, msg: std::fmt::Arguments<'_>) {
-        const LIMIT: u32 = 20;
-        self.complaints += 1;
-        if self.complaints <= LIMIT {
-            tracing::warn!("{msg}");
-            if self.complaints == LIMIT {
-                tracing::warn!("further notify socket complaints are suppressed");
+        let mut pid = sender;
+        for _ in 0..64 {
+            if self.state.worker(pid).is_some() {
+                return Some(pid);
             }
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let parent = parse_ppid(&stat)?;
+            if parent.as_raw() <= 1 || parent == Pid::this() || parent == pid {
+                return None;
+            }
+            pid = parent;
         }
+        None
     }
 
     /// Handles an event and carries out its actions. A spawn's outcome is handled after
@@ -739,7 +876,11 @@ impl Executor {
                 }
             }
             for (slot, generation, s) in started {
+                let pid = s.as_ref().ok().map(sys::Started::pid);
                 let result = s.and_then(sys::spawn_finish);
+                if let (Some(pid), Err(_), Some(g)) = (pid, &result, &mut self.guardian) {
+                    g.track(pid, false);
+                }
                 queue.push_back(self.spawn_outcome(slot, generation, result));
             }
             queue.extend(results);
@@ -792,7 +933,7 @@ impl Executor {
             Action::Answer { ticket, result } => {
                 if let Some(i) = self.waiting.iter().position(|(w, _)| *w == ticket) {
                     let (_, stream) = self.waiting.swap_remove(i);
-                    crate::control::answer(stream, result);
+                    self.reply(stream, result);
                 }
             }
             Action::Kill { pid, signal, group } => {
@@ -825,7 +966,7 @@ impl Executor {
                     if let Some(i) = self.waiting.iter().position(|(w, _)| *w == t) {
                         let (_, stream) = self.waiting.swap_remove(i);
                         let answer = result.clone().map(|g| format!("generation {g} serving"));
-                        crate::control::answer(stream, answer);
+                        self.reply(stream, answer);
                     }
                 }
             }
@@ -857,6 +998,12 @@ impl Executor {
             .journal_identifier
             .as_deref()
             .and_then(|id| crate::journal::stream_for(id, slot));
+        // Journal-aware programs check JOURNAL_STREAM against their stderr: it names the
+        // worker's own stream, or (inheriting ours) stays as it is.
+        if let Some(id) = output.as_ref().and_then(crate::journal::stream_id) {
+            env.retain(|(k, _)| k != "JOURNAL_STREAM");
+            env.push(("JOURNAL_STREAM".into(), id.into()));
+        }
         let plan = sys::ExecPlan::new(
             &self.program,
             &self.argv,
@@ -866,7 +1013,19 @@ impl Executor {
             &self.devnull,
             output.as_ref(),
         );
-        plan.and_then(|mut p| sys::spawn_start(&mut p))
+        let started = plan.and_then(|mut p| sys::spawn_start(&mut p));
+        if let (Ok(s), Some(g)) = (&started, &mut self.guardian) {
+            g.track(s.pid(), true);
+            if g.broken {
+                g.broken = false;
+                self.complaints.complain(format_args!(
+                    "cannot reach the guardian process (pid {}): workers' children may \
+                     outlive a SIGKILLed supervisor",
+                    g.pid()
+                ));
+            }
+        }
+        started
     }
 
     /// The event for a spawn's outcome.
@@ -917,12 +1076,12 @@ fn watchdog_interval() -> Option<Duration> {
     (usec > 0).then(|| Duration::from_micros(usec))
 }
 
-/// The process group id from the contents of `/proc/PID/stat`.
-fn parse_pgrp(stat: &str) -> Option<Pid> {
+/// The parent pid from the contents of `/proc/PID/stat`.
+fn parse_ppid(stat: &str) -> Option<Pid> {
     // "pid (comm) state ppid pgrp ..."; comm may contain spaces and parentheses.
     let rest = &stat[stat.rfind(')')? + 1..];
-    let pgrp = rest.split_whitespace().nth(2)?.parse().ok()?;
-    Some(Pid::from_raw(pgrp))
+    let ppid = rest.split_whitespace().nth(1)?.parse().ok()?;
+    Some(Pid::from_raw(ppid))
 }
 
 #[cfg(test)]
@@ -930,12 +1089,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pgrp_from_proc_stat() {
+    fn ppid_from_proc_stat() {
         assert_eq!(
-            parse_pgrp("1234 (my (odd) prog) S 1 1200 1200 0 -1"),
-            Some(Pid::from_raw(1200))
+            parse_ppid("1234 (my (odd) prog) S 77 1200 1200 0 -1"),
+            Some(Pid::from_raw(77))
         );
-        assert_eq!(parse_pgrp("garbage"), None);
+        assert_eq!(parse_ppid("garbage"), None);
     }
 
     #[test]

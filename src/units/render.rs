@@ -87,7 +87,8 @@ const fn noted(mut r: Rule, note: &'static str) -> Rule {
     r
 }
 
-/// `--hardening strict` for systemd 252: exposure 1.1 in `systemd-analyze security`.
+/// `--hardening strict` for systemd 252: exposure 1.2 in `systemd-analyze security` (1.1
+/// without the `@setuid` line, which gunicorn's workers need).
 /// `--hardening jit` leaves out the rules marked `jit: false`: MemoryDenyWriteExecute=
 /// (V8 and HotSpot abort without writable+executable memory; checked with the kernel's
 /// equivalent PR_SET_MDWE) and ProcSubset=pid (Node's `os.cpus()` is empty without
@@ -155,6 +156,12 @@ const SANDBOX: &[Rule] = &[
     rule("SystemCallFilter", "@system-service", 0, Scope::Any),
     rule("SystemCallFilter", "~@privileged @resources", 0, Scope::Any),
     noted(
+        rule("SystemCallFilter", "@setuid", 0, Scope::Any),
+        "setuid() and friends back in: pre-forking servers (gunicorn) call them with their\n\
+         own ids. No capability is gained (CapabilityBoundingSet= is empty,\n\
+         NoNewPrivileges=yes), so they cannot change to another user.",
+    ),
+    noted(
         rule("SystemCallErrorNumber", "EPERM", 0, Scope::Any),
         "A denied system call fails with EPERM instead of killing the process.",
     ),
@@ -179,8 +186,8 @@ fn sandbox(spec: &UnitSpec) -> Vec<Line> {
     // Programs or a working directory under /home must stay visible (read-only).
     let needs_home = [Some(&spec.clusterctl), spec.command.first()]
         .into_iter()
-        .chain([spec.working_directory.as_ref()])
         .flatten()
+        .chain([&spec.working_directory])
         .any(|p| HOME_DIRS.iter().any(|d| under(p, d)));
     SANDBOX
         .iter()
@@ -267,15 +274,18 @@ struct ServiceTemplate<'a> {
     description: String,
     app: &'a str,
     socket: &'a str,
-    notify_reload: bool,
     exec_start: String,
-    exec_reload: Option<String>,
-    working_directory: Option<String>,
+    exec_reload: String,
+    working_directory: String,
     environment: Vec<String>,
     environment_file: Option<String>,
     stop_timeout: String,
     timeout_start: String,
+    timeout_start_why: String,
     timeout_stop: String,
+    log_rate_limit: Option<(u32, String)>,
+    log_rate_limit_known: bool,
+    hardening_reason: Option<String>,
     watchdog: Option<String>,
     config_exit: u8,
     identity: Vec<Line>,
@@ -357,14 +367,10 @@ pub fn render(spec: &UnitSpec) -> Result<Units> {
     let clusterctl = quote::exec_path(&spec.clusterctl)
         .or_else(ctx(|| format!("--clusterctl {:?}", spec.clusterctl)))?;
     let exec_start = exec_start(spec, &clusterctl)?;
-    let exec_reload = (!spec.notify_reload())
-        .then(|| format!("{clusterctl} reload --wait --control %t/{app}/control.sock"));
+    let exec_reload = format!("{clusterctl} reload --wait --control %t/{app}/control.sock");
 
-    let working_directory = spec
-        .working_directory
-        .as_deref()
-        .map(|d| quote::literal(d).or_else(ctx(|| "--working-directory".to_string())))
-        .transpose()?;
+    let working_directory = quote::literal(&spec.working_directory)
+        .or_else(ctx(|| "--working-directory".to_string()))?;
     let environment_file = spec
         .environment_file
         .as_deref()
@@ -395,14 +401,19 @@ pub fn render(spec: &UnitSpec) -> Result<Units> {
         description: service_description,
         app,
         socket: &socket_name,
-        notify_reload: spec.notify_reload(),
         exec_start,
         exec_reload,
         working_directory,
         environment,
         environment_file,
         stop_timeout: spec.opts.stop_timeout.to_string(),
-        timeout_start: spec.timeout_start().to_string(),
+        timeout_start: spec.timeout_start_parts().0.to_string(),
+        timeout_start_why: spec.timeout_start_parts().1,
+        log_rate_limit: spec
+            .log_rate_limit
+            .map(|l| (l.burst, l.interval.to_string())),
+        log_rate_limit_known: spec.systemd_version >= super::version::LOG_RATE_LIMIT_SINCE,
+        hardening_reason: spec.hardening_reason.clone(),
         timeout_stop: spec.timeout_stop().to_string(),
         watchdog: spec.watchdog.map(|w| w.to_string()),
         config_exit: exit::CONFIG,

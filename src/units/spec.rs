@@ -13,38 +13,27 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::cli::SupervisorOpts;
-use crate::config::{Address, Dur, ListenSpec, ReadyMode};
+use crate::config::{Address, Dur, ListenSpec};
 use crate::error::{Context, Error, Result};
 
 use super::GenUnitsArgs;
 use super::version::{self, VersionArg};
 
 /// `--hardening strict|jit|none`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Hardening {
-    /// Everything that a network server supervised by clusterctl does not need is denied.
+    /// Everything a network server supervised by clusterctl does not need is denied
+    /// (`systemd-analyze security` exposure 1.2)
     Strict,
-    /// Strict minus `MemoryDenyWriteExecute=`, which JIT compilers (V8, HotSpot, LuaJIT,
-    /// PCRE-JIT) trip over: they need memory that is first writable, then executable; and
-    /// minus `ProcSubset=pid`, which hides /proc/cpuinfo and /proc/stat from runtimes.
+    /// Strict without MemoryDenyWriteExecute= (JIT compilers such as V8, HotSpot, LuaJIT
+    /// need memory that is writable, then executable) and ProcSubset=pid (runtimes read
+    /// /proc/cpuinfo)
     Jit,
-    /// No sandboxing settings at all.
+    /// No sandboxing settings at all
     None,
 }
 
 impl Hardening {
-    pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "strict" => Ok(Hardening::Strict),
-            "jit" => Ok(Hardening::Jit),
-            "none" => Ok(Hardening::None),
-            _ => Err(Error::config(format!(
-                "invalid --hardening {s:?}: expected strict (default), jit (for JIT runtimes \
-                 such as Node, the JVM or LuaJIT) or none"
-            ))),
-        }
-    }
-
     pub fn name(self) -> &'static str {
         match self {
             Hardening::Strict => "strict",
@@ -65,6 +54,39 @@ pub enum Identity {
     UserManager,
 }
 
+/// `--log-rate-limit BURST/INTERVAL`: journald's per-unit rate limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogRateLimit {
+    pub burst: u32,
+    pub interval: Dur,
+}
+
+impl std::str::FromStr for LogRateLimit {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (burst, interval) = s
+            .split_once('/')
+            .ok_or_else(|| format!("expected BURST/INTERVAL such as 10000/30s, not {s:?}"))?;
+        let burst: u32 = burst
+            .parse()
+            .map_err(|_| format!("BURST {burst:?} is not a number of messages"))?;
+        let interval: Dur = interval.parse()?;
+        if burst == 0 || interval.0.is_zero() {
+            return Err(
+                "BURST and INTERVAL must be above 0 (leave the option out for no limit)".into(),
+            );
+        }
+        Ok(LogRateLimit { burst, interval })
+    }
+}
+
+impl std::fmt::Display for LogRateLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.burst, self.interval)
+    }
+}
+
 /// Both units, described and checked; `render.rs` turns this into text.
 #[derive(Debug, Clone)]
 pub struct UnitSpec {
@@ -75,17 +97,25 @@ pub struct UnitSpec {
     pub opts: SupervisorOpts,
     pub watchdog: Option<Dur>,
     pub identity: Identity,
-    pub working_directory: Option<String>,
+    /// `WorkingDirectory=`: given, or the directory gen-units ran in.
+    pub working_directory: String,
     pub environment: Vec<(String, String)>,
     pub environment_file: Option<String>,
     pub hardening: Hardening,
+    /// Why `jit` was picked without `--hardening` (the JIT runtime found), for the unit.
+    pub hardening_reason: Option<String>,
     pub systemd_version: u32,
+    pub log_rate_limit: Option<LogRateLimit>,
     pub description: Option<String>,
     pub user_units: bool,
     /// Absolute path of clusterctl on the target machine.
     pub clusterctl: String,
     /// The worker command; `command[0]` is an absolute path.
     pub command: Vec<String>,
+    /// What gen-units decided on its own (printed on stderr).
+    pub notes: Vec<String>,
+    /// What will probably fail under systemd, with the fix (printed on stderr).
+    pub warnings: Vec<String>,
 }
 
 /// What gen-units needs to know about the machine it runs on.
@@ -96,6 +126,12 @@ pub trait Host {
     fn current_exe(&self) -> Result<PathBuf>;
     /// Resolves a worker program that is not an absolute path.
     fn resolve_program(&self, program: &Path) -> Result<PathBuf>;
+    /// The directory gen-units runs in, the default of `--working-directory`.
+    fn current_dir(&self) -> Result<PathBuf>;
+    /// The file a program path leads to, through symlinks (`/usr/bin/node` →
+    /// `/usr/bin/nodejs`), and the interpreter its `#!` line names, if any. `None` when
+    /// the path does not exist here (the units may be for another machine).
+    fn inspect_program(&self, program: &Path) -> Option<(PathBuf, Option<Vec<String>>)>;
 }
 
 /// The real machine.
@@ -115,6 +151,137 @@ impl Host for System {
     fn resolve_program(&self, program: &Path) -> Result<PathBuf> {
         resolve_program(program, env::var_os("PATH").as_deref())
     }
+
+    fn current_dir(&self) -> Result<PathBuf> {
+        env::current_dir().context(|| "cannot tell the current directory".into())
+    }
+
+    fn inspect_program(&self, program: &Path) -> Option<(PathBuf, Option<Vec<String>>)> {
+        let real = fs::canonicalize(program).ok()?;
+        let mut head = [0u8; 256];
+        let n = fs::File::open(&real)
+            .and_then(|mut f| std::io::Read::read(&mut f, &mut head))
+            .unwrap_or(0);
+        let shebang = head[..n]
+            .strip_prefix(b"#!")
+            .and_then(|rest| rest.split(|b| *b == b'\n').next())
+            .map(|line| {
+                String::from_utf8_lossy(line)
+                    .split_whitespace()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .filter(|w| !w.is_empty());
+        Some((real, shebang))
+    }
+}
+
+/// Runtimes that generate machine code at run time and abort under
+/// `MemoryDenyWriteExecute=yes` (measured: Node 20 "Check failed: 12 == errno", SIGTRAP;
+/// OpenJDK 17 aborts under the kernel's equivalent). Matched against the program's name
+/// with a trailing version (`pypy3`, `node20`, `java17`) ignored.
+const JIT_RUNTIMES: &[(&str, &str)] = &[
+    ("node", "Node.js (V8)"),
+    ("nodejs", "Node.js (V8)"),
+    ("npx", "Node.js (V8)"),
+    ("npm", "Node.js (V8)"),
+    ("pnpm", "Node.js (V8)"),
+    ("yarn", "Node.js (V8)"),
+    ("pm2", "Node.js (V8)"),
+    ("bun", "Bun (JavaScriptCore)"),
+    ("deno", "Deno (V8)"),
+    ("java", "the JVM"),
+    ("kotlin", "the JVM"),
+    ("scala", "the JVM"),
+    ("clojure", "the JVM"),
+    ("jruby", "the JVM"),
+    ("dotnet", ".NET (RyuJIT)"),
+    ("mono", "Mono"),
+    ("pypy", "PyPy"),
+    ("luajit", "LuaJIT"),
+    ("openresty", "LuaJIT"),
+];
+
+/// The JIT runtime a worker command runs, if any: the program's name after resolving
+/// symlinks, through `env` (`/usr/bin/env node app.js`) and through a script's `#!` line
+/// (`npx`, a `#!/usr/bin/env node` script), or `ruby --yjit` / `php` with `opcache.jit`.
+pub fn jit_runtime(command: &[String], host: &dyn Host) -> Option<String> {
+    fn base(p: &str) -> &str {
+        p.rsplit('/').next().unwrap_or(p)
+    }
+    fn known(name: &str) -> Option<&'static str> {
+        let stem = name.trim_end_matches(|c: char| c.is_ascii_digit() || c == '.' || c == '-');
+        JIT_RUNTIMES
+            .iter()
+            .find(|(n, _)| *n == name || *n == stem)
+            .map(|(_, what)| *what)
+    }
+    // `env [-i] [-S] [VAR=value…] PROGRAM ARGS…`: the program is the first other word.
+    fn after_env(words: &[String]) -> &[String] {
+        if words.first().is_some_and(|w| base(w) == "env") {
+            let skip = words[1..]
+                .iter()
+                .take_while(|w| w.starts_with('-') || w.contains('='))
+                .count();
+            &words[1 + skip..]
+        } else {
+            words
+        }
+    }
+    let mut words: Vec<String> = after_env(command).to_vec();
+    for _ in 0..4 {
+        let program = words.first()?.clone();
+        let args = &words[1..];
+        let (real, shebang) = host
+            .inspect_program(Path::new(&program))
+            .map_or((PathBuf::from(&program), None), |(r, s)| (r, s));
+        let real = real.display().to_string();
+        for name in [base(&program), base(&real)] {
+            if let Some(what) = known(name) {
+                return Some(format!("{program} runs {what}"));
+            }
+        }
+        let name = base(&program);
+        if name.starts_with("ruby") && args.iter().any(|a| a == "--yjit") {
+            return Some(format!("{program} --yjit runs Ruby's YJIT"));
+        }
+        if name.starts_with("php") && args.iter().any(|a| a.contains("opcache.jit")) {
+            return Some(format!("{program} runs PHP with opcache.jit"));
+        }
+        // A script: look at its interpreter next.
+        let interpreter = shebang?;
+        words = after_env(&interpreter).to_vec();
+    }
+    None
+}
+
+/// Where a unit's sandbox hides a path: the reason, or `None` when it is visible.
+fn hidden_by_sandbox(path: &str, private_tmp: bool, home_unreadable: bool) -> Option<&'static str> {
+    let under = |dir: &str| {
+        path.strip_prefix(dir)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    };
+    if private_tmp && (under("/tmp") || under("/var/tmp")) {
+        return Some("the service gets its own empty /tmp and /var/tmp (PrivateTmp=)");
+    }
+    if home_unreadable && (under("/root") || under("/home") || under("/run/user")) {
+        return Some(
+            "home directories are usually closed to other users (mode 0700), and the \
+             service runs as a user of its own (DynamicUser=)",
+        );
+    }
+    None
+}
+
+/// A path inside a cargo build directory (`…/target/debug/…`, `…/target/release/…`).
+fn in_build_dir(path: &str) -> bool {
+    // `target/PROFILE/FILE` or `target/TRIPLE/PROFILE/FILE`: a `target` directory with at
+    // least a profile directory below it before the file.
+    let parts: Vec<&str> = path.split('/').collect();
+    parts
+        .iter()
+        .position(|p| *p == "target")
+        .is_some_and(|i| parts.len() >= i + 3)
 }
 
 fn is_executable_file(path: &Path) -> bool {
@@ -157,8 +324,7 @@ pub fn resolve_program(program: &Path, path_var: Option<&OsStr>) -> Result<PathB
     )))
 }
 
-/// The longest `sun_path` a unix socket may have, without the trailing NUL.
-const SUN_PATH_MAX: usize = 107;
+use crate::config::SUN_PATH_MAX;
 
 /// Checks APP against systemd's unit name rules (systemd.unit(5)) and what clusterctl does
 /// with it: APP is also the `RuntimeDirectory=`, the `SyslogIdentifier=` and part of the
@@ -201,21 +367,22 @@ pub fn check_app_name(app: &str, user_units: bool) -> Result<(), String> {
             "application name is too long: {app}.service has {unit_len} characters, systemd allows 255"
         ));
     }
-    // The supervisor's control socket is %t/APP/control.sock. For user managers %t is
-    // $XDG_RUNTIME_DIR = /run/user/UID, counted here with the longest UID.
+    // The supervisor binds %t/APP/control.sock and %t/APP/notify.PID.sock. For user
+    // managers %t is $XDG_RUNTIME_DIR = /run/user/UID, counted here with the longest UID.
     let runtime = if user_units {
         "/run/user/4294967295"
     } else {
         "/run"
     };
-    let socket = format!("{runtime}/{app}/control.sock");
-    if socket.len() > SUN_PATH_MAX {
-        return Err(format!(
-            "application name is too long: the control socket {socket} would exceed the \
-             {SUN_PATH_MAX} bytes a unix socket path may have"
-        ));
-    }
-    Ok(())
+    let dir = PathBuf::from(format!("{runtime}/{app}"));
+    crate::config::check_socket_paths(Some(&dir.join("control.sock")), Some(&dir)).map_err(|e| {
+        let longest =
+            SUN_PATH_MAX - runtime.len() - 2 - crate::config::NOTIFY_SOCKET_NAME_MAX.len();
+        format!(
+            "application name is too long ({} characters; at most {longest} here): {e}",
+            app.len()
+        )
+    })
 }
 
 /// Checks a `User=`/`Group=` name: systemd's portable rule (letters, digits, '_', '-', not
@@ -330,20 +497,31 @@ fn socket_name(listen: &[ListenSpec]) -> Result<Option<String>> {
 impl UnitSpec {
     /// Checks the command line and resolves what it leaves open (version, paths).
     pub fn from_args(args: &GenUnitsArgs, host: &dyn Host) -> Result<UnitSpec> {
-        check_app_name(&args.app, args.user_units).map_err(Error::Config)?;
-        let hardening = Hardening::parse(&args.hardening)?;
-        let version_arg = VersionArg::parse(&args.systemd_version)?;
+        let mut notes = Vec::new();
+        let mut warnings = Vec::new();
+        let app = match args
+            .app
+            .strip_suffix(".service")
+            .or_else(|| args.app.strip_suffix(".socket"))
+        {
+            Some(stem) if !stem.is_empty() => {
+                notes.push(format!(
+                    "APP is the name without the suffix: writing {stem}.socket and {stem}.service"
+                ));
+                stem.to_string()
+            }
+            _ => args.app.clone(),
+        };
+        check_app_name(&app, args.user_units).map_err(Error::Config)?;
+        let version_arg = args.systemd_version;
+        args.opts.validate().map_err(Error::Config)?;
 
         if args.listen.is_empty() {
             return Err(Error::config(
                 "at least one --listen is needed: the socket unit holds the listening sockets",
             ));
         }
-        for (i, l) in args.listen.iter().enumerate() {
-            if args.listen[..i].iter().any(|o| o.address == l.address) {
-                return Err(Error::config(format!("--listen {} is given twice", l.raw)));
-            }
-        }
+        crate::config::check_listen_unique(&args.listen).map_err(Error::Config)?;
         let fd_name = socket_name(&args.listen)?;
 
         if let Some(w) = args.watchdog
@@ -380,11 +558,16 @@ impl UnitSpec {
             }
         };
 
-        let working_directory = args
-            .working_directory
-            .as_deref()
-            .map(|p| absolute_path("--working-directory", p))
-            .transpose()?;
+        let working_directory = if let Some(p) = &args.working_directory {
+            absolute_path("--working-directory", p)?
+        } else {
+            let dir = absolute_path("the current directory", &host.current_dir()?)?;
+            notes.push(format!(
+                "WorkingDirectory={dir}: the directory gen-units runs in (give \
+                 --working-directory DIR for another)"
+            ));
+            dir
+        };
         let environment_file = args
             .environment_file
             .as_deref()
@@ -405,8 +588,67 @@ impl UnitSpec {
             VersionArg::Auto => host.systemd_version()?,
         };
 
+        let jit = jit_runtime(&command, host);
+        let hardening = match (args.hardening, &jit) {
+            (Some(h), _) => h,
+            (None, Some(why)) => {
+                notes.push(format!(
+                    "--hardening jit: {why}, a JIT compiler that MemoryDenyWriteExecute= \
+                     would kill at start; pass --hardening strict to override"
+                ));
+                Hardening::Jit
+            }
+            (None, None) => Hardening::Strict,
+        };
+        if hardening == Hardening::Strict
+            && let Some(why) = &jit
+        {
+            warnings.push(format!(
+                "--hardening strict with a JIT runtime ({why}): MemoryDenyWriteExecute=yes \
+                 will probably kill it at start; use --hardening jit"
+            ));
+        }
+        let hardening_reason = jit.filter(|_| hardening == Hardening::Jit);
+
+        // Paths the service must reach that its own sandbox hides.
+        let private_tmp = !args.user_units
+            && (hardening != Hardening::None || matches!(identity, Identity::Dynamic { .. }));
+        let home_unreadable = !args.user_units && matches!(identity, Identity::Dynamic { .. });
+        let checks = [
+            ("ExecStart= runs clusterctl from", clusterctl.as_str(), true),
+            ("the worker program is", command[0].as_str(), true),
+            ("WorkingDirectory= is", working_directory.as_str(), false),
+        ];
+        for (what, path, program) in checks {
+            let fix = if program {
+                format!(
+                    "install it where the service can see it, e.g. `install -m 755 {path} \
+                     /usr/local/bin/`, and give that path{} (README \"Installing\")",
+                    if what.contains("clusterctl") {
+                        " with --clusterctl /usr/local/bin/clusterctl"
+                    } else {
+                        " after --"
+                    }
+                )
+            } else {
+                "move the app to e.g. /srv/APP or /opt/APP and pass --working-directory".into()
+            };
+            if let Some(why) = hidden_by_sandbox(path, private_tmp, home_unreadable) {
+                warnings.push(format!(
+                    "{what} {path}, which the unit's sandbox hides: {why}. It would fail \
+                     under systemd ({}); {fix}",
+                    if program { "203/EXEC" } else { "200/CHDIR" }
+                ));
+            } else if program && in_build_dir(path) {
+                warnings.push(format!(
+                    "{what} {path}, inside a cargo build directory: the next `cargo build` \
+                     or `cargo clean` changes or removes it under the running service; {fix}"
+                ));
+            }
+        }
+
         Ok(UnitSpec {
-            app: args.app.clone(),
+            app,
             listen: args.listen.clone(),
             fd_name,
             opts: args.opts.clone(),
@@ -416,17 +658,16 @@ impl UnitSpec {
             environment,
             environment_file,
             hardening,
+            hardening_reason,
             systemd_version,
+            log_rate_limit: args.log_rate_limit,
             description: args.description.clone(),
             user_units: args.user_units,
             clusterctl,
             command,
+            notes,
+            warnings,
         })
-    }
-
-    /// Units for systemd ≥ 253 use `Type=notify-reload`; older ones an `ExecReload=`.
-    pub fn notify_reload(&self) -> bool {
-        self.systemd_version >= version::NOTIFY_RELOAD_SINCE
     }
 
     /// Whether every socket is TCP (`NoDelay=` is a TCP option).
@@ -441,20 +682,31 @@ impl UnitSpec {
     /// `--ready after:DUR` each, plus the backoff between them), so clusterctl gives up and
     /// reports the failure itself before systemd's timer fires.
     pub fn timeout_start(&self) -> Dur {
+        self.timeout_start_parts().0
+    }
+
+    /// `TimeoutStartSec=` and how it is made up, for the comment above it in the unit.
+    pub fn timeout_start_parts(&self) -> (Dur, String) {
         use crate::supervisor::state::START_ATTEMPTS;
-        let after = match self.opts.ready {
-            ReadyMode::After(d) => d,
-            ReadyMode::Notify | ReadyMode::Exec => Duration::ZERO,
-        };
-        let attempt = self.opts.ready_timeout.0.max(after);
+        // `--ready after:DUR` is shorter than --ready-timeout (SupervisorOpts::validate).
+        let attempt = self.opts.ready_timeout.0;
         let backoff: Duration = (0..START_ATTEMPTS - 1)
             .map(|i| (self.opts.restart_delay.min * 2u32.pow(i)).min(self.opts.restart_delay.max))
             .sum();
-        let total = attempt * START_ATTEMPTS + backoff + Duration::from_secs(30);
+        let margin = Duration::from_secs(30);
+        let total = attempt * START_ATTEMPTS + backoff + margin;
         // Whole seconds, rounded up: easier to read in the unit file.
-        Dur(Duration::from_secs(
+        let total = Dur(Duration::from_secs(
             total.as_secs() + u64::from(total.subsec_nanos() > 0),
-        ))
+        ));
+        let why = format!(
+            "{START_ATTEMPTS} start attempts x --ready-timeout {}\n# + {} backoff between them \
+             + {} margin",
+            Dur(attempt),
+            Dur(backoff),
+            Dur(margin)
+        );
+        (total, why)
     }
 
     /// How long systemd waits for clusterctl to exit: above `--stop-timeout`, so the workers
@@ -491,9 +743,7 @@ impl UnitSpec {
             Identity::Dynamic { group: Some(g) } => push(&mut v, "group", g),
             Identity::Dynamic { group: None } | Identity::UserManager => {}
         }
-        if let Some(d) = &self.working_directory {
-            push(&mut v, "working-directory", d);
-        }
+        push(&mut v, "working-directory", &self.working_directory);
         for (k, val) in &self.environment {
             push(&mut v, "environment", &format!("{k}={val}"));
         }
@@ -502,6 +752,9 @@ impl UnitSpec {
         }
         if self.hardening != Hardening::Strict {
             push(&mut v, "hardening", self.hardening.name());
+        }
+        if let Some(l) = self.log_rate_limit {
+            push(&mut v, "log-rate-limit", &l.to_string());
         }
         if let Some(d) = &self.description {
             push(&mut v, "description", d);
@@ -537,7 +790,7 @@ pub(crate) mod tests {
 
     #[test]
     fn app_names() {
-        for good in ["demo", "my-app", "my_app.v2", "A1", &"a".repeat(89)] {
+        for good in ["demo", "my-app", "my_app.v2", "A1", &"a".repeat(82)] {
             assert!(check_app_name(good, false).is_ok(), "{good:?}");
         }
         for (bad, why) in [
@@ -557,14 +810,28 @@ pub(crate) mod tests {
             let err = check_app_name(bad, false).unwrap_err();
             assert!(err.contains(why), "{bad:?}: {err}");
         }
-        // The control socket bounds the length well below systemd's 255.
-        assert!(
-            check_app_name(&"a".repeat(90), false)
-                .unwrap_err()
-                .contains("107")
-        );
-        assert!(check_app_name(&"a".repeat(73), true).is_ok());
-        assert!(check_app_name(&"a".repeat(74), true).is_err());
+        // The notify socket (/run/APP/notify.PID.sock) bounds the length well below
+        // systemd's 255; names of 83-89 characters used to pass the control socket check.
+        for n in 83..=89 {
+            let err = check_app_name(&"a".repeat(n), false).unwrap_err();
+            assert!(
+                err.contains("107") && err.contains("notify socket"),
+                "{n}: {err}"
+            );
+        }
+        assert!(check_app_name(&"a".repeat(66), true).is_ok());
+        assert!(check_app_name(&"a".repeat(67), true).is_err());
+    }
+
+    #[test]
+    fn build_directories() {
+        assert!(in_build_dir("/src/app/target/release/clusterctl"));
+        assert!(in_build_dir(
+            "/x/target/x86_64-unknown-linux-gnu/dist/clusterctl"
+        ));
+        assert!(!in_build_dir("/usr/local/bin/clusterctl"));
+        assert!(!in_build_dir("/srv/target"));
+        assert!(!in_build_dir("/srv/target/app"));
     }
 
     #[test]

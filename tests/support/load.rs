@@ -2,6 +2,10 @@
 //! 127.0.0.1 on fresh and on keep-alive connections until told to stop (or a time and
 //! count limit), counting every failed connect, reset, short or bad response.
 //!
+//! Failures are counted by kind: `connect_failed` (refused or otherwise not connected),
+//! `reset` (ECONNRESET or another read/write error), `short` (EOF before the whole answer),
+//! `timed_out` (no answer within 30 s, or a connect that timed out), `bad_status`.
+//!
 //! Like every real HTTP client (RFC 9112 §9.3.1), a request on a *reused* keep-alive
 //! connection that the server closed before sending any byte of the answer is retried once
 //! on a fresh connection; those retries are counted separately, not as failures.
@@ -19,6 +23,7 @@ pub struct Counts {
     pub reset: AtomicU64,
     pub short: AtomicU64,
     pub bad_status: AtomicU64,
+    pub timed_out: AtomicU64,
     pub retried: AtomicU64,
 }
 
@@ -30,6 +35,7 @@ pub struct Summary {
     pub reset: u64,
     pub short: u64,
     pub bad_status: u64,
+    pub timed_out: u64,
     pub retried: u64,
     /// Sample of failure descriptions.
     pub errors: Vec<String>,
@@ -45,11 +51,24 @@ pub struct Load {
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
+/// How long a request may wait for its answer before it counts as timed out.
+const READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 enum Outcome {
     Ok(String),
-    /// Closed before any byte of the answer (retryable on a reused connection).
-    ClosedEarly(String),
+    /// Closed (EOF or reset) before any byte of the answer (retryable on a reused
+    /// connection); the kind it counts as when it is not retried.
+    ClosedEarly(&'static str, String),
     Failed(&'static str, String),
+}
+
+/// The failure kind of an I/O error while waiting for or reading an answer.
+fn io_kind(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => "timeout",
+        std::io::ErrorKind::UnexpectedEof => "short",
+        _ => "reset",
+    }
 }
 
 fn one_request(stream: &mut BufReader<TcpStream>) -> Outcome {
@@ -57,16 +76,16 @@ fn one_request(stream: &mut BufReader<TcpStream>) -> Outcome {
         .get_mut()
         .write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
     {
-        return Outcome::ClosedEarly(format!("write: {e}"));
+        return Outcome::ClosedEarly("reset", format!("write: {e}"));
     }
     let mut status = String::new();
     match stream.read_line(&mut status) {
-        Ok(0) => return Outcome::ClosedEarly("closed before the answer".into()),
+        Ok(0) => return Outcome::ClosedEarly("short", "EOF before the answer".into()),
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-            return Outcome::ClosedEarly(format!("reset before the answer: {e}"));
+            return Outcome::ClosedEarly("reset", format!("reset before the answer: {e}"));
         }
-        Err(e) => return Outcome::Failed("reset", format!("read status: {e}")),
+        Err(e) => return Outcome::Failed(io_kind(&e), format!("read status: {e}")),
     }
     if !status.starts_with("HTTP/1.1 200") {
         return Outcome::Failed("bad_status", status);
@@ -77,7 +96,7 @@ fn one_request(stream: &mut BufReader<TcpStream>) -> Outcome {
         match stream.read_line(&mut line) {
             Ok(0) => return Outcome::Failed("short", "EOF in headers".into()),
             Ok(_) => {}
-            Err(e) => return Outcome::Failed("reset", format!("read headers: {e}")),
+            Err(e) => return Outcome::Failed(io_kind(&e), format!("read headers: {e}")),
         }
         if line == "\r\n" {
             break;
@@ -91,7 +110,7 @@ fn one_request(stream: &mut BufReader<TcpStream>) -> Outcome {
     };
     let mut body = vec![0; len];
     if let Err(e) = stream.read_exact(&mut body) {
-        return Outcome::Failed("short", format!("body: {e}"));
+        return Outcome::Failed(io_kind(&e), format!("body: {e}"));
     }
     Outcome::Ok(String::from_utf8_lossy(&body).into_owned())
 }
@@ -136,11 +155,16 @@ impl Load {
                             Some(c) => c,
                             None => match TcpStream::connect(("127.0.0.1", port)) {
                                 Ok(s) => {
-                                    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+                                    let _ = s.set_read_timeout(Some(READ_TIMEOUT));
                                     BufReader::new(s)
                                 }
                                 Err(e) => {
-                                    counts.connect_failed.fetch_add(1, Ordering::Relaxed);
+                                    if io_kind(&e) == "timeout" {
+                                        &counts.timed_out
+                                    } else {
+                                        &counts.connect_failed
+                                    }
+                                    .fetch_add(1, Ordering::Relaxed);
                                     push(&errors, format!("connect: {e}"));
                                     break;
                                 }
@@ -164,19 +188,14 @@ impl Load {
                                 }
                                 break;
                             }
-                            Outcome::ClosedEarly(e) if reused && attempt == 1 => {
+                            Outcome::ClosedEarly(_, _) if reused && attempt == 1 => {
                                 counts.retried.fetch_add(1, Ordering::Relaxed);
-                                let _ = e;
                             }
-                            Outcome::ClosedEarly(e) => {
-                                counts.reset.fetch_add(1, Ordering::Relaxed);
-                                push(&errors, e);
-                                break;
-                            }
-                            Outcome::Failed(kind, e) => {
+                            Outcome::ClosedEarly(kind, e) | Outcome::Failed(kind, e) => {
                                 match kind {
                                     "short" => &counts.short,
                                     "bad_status" => &counts.bad_status,
+                                    "timeout" => &counts.timed_out,
                                     _ => &counts.reset,
                                 }
                                 .fetch_add(1, Ordering::Relaxed);
@@ -236,7 +255,8 @@ impl Load {
         }
         let c = &self.counts;
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let failed = g(&c.connect_failed) + g(&c.reset) + g(&c.short) + g(&c.bad_status);
+        let failed =
+            g(&c.connect_failed) + g(&c.reset) + g(&c.short) + g(&c.bad_status) + g(&c.timed_out);
         Summary {
             ok: g(&c.ok),
             failed,
@@ -244,10 +264,28 @@ impl Load {
             reset: g(&c.reset),
             short: g(&c.short),
             bad_status: g(&c.bad_status),
+            timed_out: g(&c.timed_out),
             retried: g(&c.retried),
             errors: self.errors.lock().unwrap().clone(),
             generations: self.generations.lock().unwrap().clone(),
         }
+    }
+}
+
+impl Summary {
+    /// One line: requests, failures by kind, keep-alive retries.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ok, {} failed (refused/connect {}, reset {}, EOF {}, timeout {}, bad status {}), {} keep-alive retries",
+            self.ok,
+            self.failed,
+            self.connect_failed,
+            self.reset,
+            self.short,
+            self.timed_out,
+            self.bad_status,
+            self.retried
+        )
     }
 }
 

@@ -1,7 +1,9 @@
-//! A throw-away, real systemd (the host's own `/lib/systemd/systemd`) running as
-//! PID 1 in private namespaces, so integration tests can install units,
-//! start/stop/reload them and read the journal exactly as clusterctl will in
-//! production, without a VM and without touching the host's service manager.
+//! A throw-away, real systemd running as PID 1 in private namespaces, so integration
+//! tests can install units, start/stop/reload them and read the journal exactly as
+//! clusterctl will in production, without a VM and without touching the host's service
+//! manager. Two versions ([`Version`]): the host's own systemd 252
+//! (`/lib/systemd/systemd`, [`Systemd::boot`]) and Debian 13's 257 from a cached rootfs
+//! ([`Systemd::boot_version`]; see "systemd 257" below). Both have the same API.
 //!
 //! # How an instance is built
 //!
@@ -62,6 +64,20 @@
 //! was SIGKILLed are swept by the next boot (owner pid no longer alive). The
 //! empty parent `clusterctl-harness` cgroup is left in place on purpose
 //! (removing it would race with a concurrent boot).
+//!
+//! # systemd 257
+//!
+//! Same recipe (verified in `../shared/systemd-257/`), with three differences: the
+//! overlay's lower layer is a Debian 13 rootfs built by `scripts/sd257-rootfs.sh build`
+//! (mmdebstrap, cached under `/var/cache/clusterctl-tests/sd257-<hash of recipe and
+//! packages>`, built by `scripts/test.sh` before the tests; a missing rootfs is a SKIP,
+//! or a failure in CI), so nothing of the host is visible inside except the checkout and
+//! the build output under [`Systemd::path`]; the launcher joins the instance's cgroup in
+//! the host's cgroup2 hierarchy before `unshare --cgroup`, and the boot script replaces
+//! `/sys/fs/cgroup` by a cgroup2 mount of that namespace, so 257 sees a pure unified
+//! hierarchy rooted at its own directory (instances stay isolated and may run in
+//! parallel; no controller is available inside, as for 252); and the instance gets its
+//! own machine id. The host's binaries (glibc 2.36) run on trixie's glibc 2.41.
 //!
 //! # Lifetime
 //!
@@ -177,6 +193,100 @@ rmdir /.oldroot
 exec env -i container=unshare /lib/systemd/systemd --system
 "#;
 
+/// Runs as PID 1 of the new namespaces for a systemd 257 instance; `$1` is the
+/// instance's temp dir, `$2` the Debian 13 rootfs (the overlay's lower layer). The
+/// launcher already joined the instance's cgroup2 directory and `unshare --cgroup` rooted
+/// a cgroup namespace there. Same recipe as `../shared/systemd-257/sysd257.sh`.
+const BOOT_SCRIPT_257: &str = r#"#!/bin/sh
+# Written by tests/support/systemd.rs: turns a fresh pid+mount+cgroup namespace into a
+# container whose root is an overlay over a Debian 13 rootfs and execs systemd 257 in it.
+set -eu
+dir=$1
+rootfs=$2
+base=$dir/base
+mkdir -p "$base"
+mount -t tmpfs -o mode=0755 harness "$base"
+mkdir "$base/upper" "$base/work" "$base/root"
+mount -t overlay overlay -o "lowerdir=$rootfs,upperdir=$base/upper,workdir=$base/work" "$base/root"
+root=$base/root
+mount -t proc proc "$root/proc"
+mount --rbind /sys "$root/sys"
+# The host's v1/hybrid cgroup mounts make way for a cgroup2 mount of our own cgroup
+# namespace: systemd 257 sees a pure unified hierarchy rooted at the instance's cgroup.
+umount -R "$root/sys/fs/cgroup" 2>/dev/null || umount -l "$root/sys/fs/cgroup" 2>/dev/null || true
+mount -t cgroup2 cgroup2 "$root/sys/fs/cgroup"
+mount --rbind /dev "$root/dev"
+mount -t tmpfs -o mode=1777 tmpfs "$root/dev/shm"
+mount -t tmpfs -o mode=0755 tmpfs "$root/run"
+mount -t tmpfs -o mode=1777 tmpfs "$root/tmp"
+while IFS= read -r path; do
+    [ -d "$path" ] || continue
+    mkdir -p "$root/opt/clusterctl-harness$path"
+    mount --rbind "$path" "$root/opt/clusterctl-harness$path"
+    mount -o remount,bind,ro "$root/opt/clusterctl-harness$path"
+done < "$dir/binds"
+
+etc=$root/etc/systemd/system
+for link in "$etc"/*.wants/*; do
+    case "$link" in
+        *dbus*|*journal*) ;;
+        *) rm -f "$link" ;;
+    esac
+done
+for unit in console-getty.service getty.target systemd-logind.service \
+    systemd-sysctl.service systemd-binfmt.service proc-sys-fs-binfmt_misc.automount \
+    proc-sys-fs-binfmt_misc.mount systemd-modules-load.service kmod-static-nodes.service \
+    systemd-tmpfiles-setup-dev.service systemd-tmpfiles-setup-dev-early.service \
+    systemd-journald-audit.socket systemd-firstboot.service systemd-pstore.service; do
+    ln -sf /dev/null "$etc/$unit"
+done
+mkdir -p "$root/etc/systemd/journald.conf.d" "$etc/systemd-journald.service.d"
+printf '[Journal]\nReadKMsg=no\n' > "$root/etc/systemd/journald.conf.d/clusterctl-harness.conf"
+printf '[Service]\nEnvironment=SYSTEMD_LOG_LEVEL=warning\n' > "$etc/systemd-journald.service.d/clusterctl-harness.conf"
+# A machine id of its own: no first boot (ConditionFirstBoot=) and a stable journal.
+tr -d - < /proc/sys/kernel/random/uuid > "$root/etc/machine-id"
+
+cd "$root"
+mkdir -p .oldroot
+pivot_root . .oldroot
+umount -l /.oldroot
+rmdir /.oldroot 2>/dev/null || true
+exec env -i container=unshare /usr/lib/systemd/systemd --system --show-status=no
+"#;
+
+/// Which systemd an instance runs.
+///
+/// - [`Version::V252`]: the host's own (Debian 12), with the host's `/` as the overlay's
+///   lower layer, so every host file (python3, gunicorn, node, …) is visible inside.
+/// - [`Version::V257`]: Debian 13's, from the rootfs `scripts/sd257-rootfs.sh build`
+///   makes (cached under `/var/cache/clusterctl-tests`; `scripts/test.sh` builds it before
+///   the tests run, so tests never race to build it). Only that rootfs is visible inside,
+///   plus the checkout and its build output under [`Systemd::path`]; the servers the tests
+///   need are installed in it. Each instance gets its own cgroup2 directory and a cgroup
+///   namespace rooted there, so systemd 257 sees a pure unified hierarchy on this hybrid
+///   host. The host's binaries (glibc 2.36) run on trixie's glibc 2.41.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    V252,
+    V257,
+}
+
+impl Version {
+    /// The major version number, as `systemctl --version` prints it.
+    pub fn number(self) -> u32 {
+        match self {
+            Version::V252 => 252,
+            Version::V257 => 257,
+        }
+    }
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "systemd {}", self.number())
+    }
+}
+
 static NEXT_INSTANCE: AtomicU32 = AtomicU32::new(0);
 
 /// One booted systemd instance; torn down on drop. See the module docs.
@@ -192,6 +302,8 @@ pub struct Systemd {
     dir: PathBuf,
     /// Set once diagnostics went into a panic message (no need to repeat them on drop).
     diagnosed: AtomicBool,
+    /// Which systemd runs as PID 1.
+    version: Version,
 }
 
 impl Systemd {
@@ -203,23 +315,37 @@ impl Systemd {
     /// `None`, unless the environment variable `CI` is set (and not
     /// `false`/`0`): then it panics with the details.
     pub fn boot() -> Option<Systemd> {
-        if let Err(reason) = preflight() {
-            return unavailable(&reason);
-        }
+        Self::boot_version(Version::V252)
+    }
+
+    /// Like [`Systemd::boot`], for the given systemd [`Version`]; the same API works on
+    /// both. For 257 the rootfs must have been built (`bash scripts/sd257-rootfs.sh
+    /// build`, which `scripts/test.sh` runs): when it is missing the test is skipped, or
+    /// fails when `CI` is set.
+    pub fn boot_version(version: Version) -> Option<Systemd> {
+        let rootfs = match preflight(version) {
+            Ok(rootfs) => rootfs,
+            Err(reason) => return unavailable(version, &reason),
+        };
         sweep_stale();
         let started = Instant::now();
-        match Self::try_boot() {
+        match Self::try_boot(version, rootfs.as_deref()) {
             Ok(systemd) => {
                 eprintln!(
-                    "systemd harness: instance {} up in {} ms (PID 1 = host pid {})",
+                    "systemd harness: {version} instance {} up in {} ms (PID 1 = host pid {})",
                     systemd.id,
                     started.elapsed().as_millis(),
                     systemd.pid1
                 );
                 Some(systemd)
             }
-            Err(reason) => unavailable(&reason),
+            Err(reason) => unavailable(version, &reason),
         }
+    }
+
+    /// Which systemd this instance runs.
+    pub fn version(&self) -> Version {
+        self.version
     }
 
     /// Host pid of the instance's PID 1 (systemd).
@@ -384,7 +510,7 @@ impl Systemd {
         text
     }
 
-    fn try_boot() -> Result<Systemd, String> {
+    fn try_boot(version: Version, rootfs: Option<&Path>) -> Result<Systemd, String> {
         let id = format!(
             "{}-{}",
             process::id(),
@@ -393,7 +519,7 @@ impl Systemd {
         let dir = std::env::temp_dir().join(format!("{TEMP_PREFIX}{id}"));
         // Anything already named like this is from a dead process that had our pid.
         remove_host_state(&id, &dir);
-        let procs = match prepare_host_state(&id, &dir) {
+        let procs = match prepare_host_state(version, &id, &dir) {
             Ok(procs) => procs,
             Err(err) => {
                 remove_host_state(&id, &dir);
@@ -403,14 +529,37 @@ impl Systemd {
         let log = dir.join("boot.log");
         let spawned = File::create(&log).and_then(|out| {
             let err = out.try_clone()?;
-            Command::new("setpriv")
-                .args(["--pdeathsig", "KILL", "--", "unshare"])
-                .args(["--fork", "--pid", "--mount", "--ipc", "--uts"])
-                .args(["--propagation", "private", "--kill-child", "/bin/sh"])
-                .arg(dir.join("boot.sh"))
-                .arg(&dir)
-                .args(procs)
-                .env_clear()
+            let mut cmd = Command::new("setpriv");
+            cmd.args(["--pdeathsig", "KILL", "--"]);
+            match rootfs {
+                None => {
+                    cmd.arg("unshare")
+                        .args(["--fork", "--pid", "--mount", "--ipc", "--uts"])
+                        .args(["--propagation", "private", "--kill-child", "/bin/sh"])
+                        .arg(dir.join("boot.sh"))
+                        .arg(&dir)
+                        .args(procs);
+                }
+                Some(rootfs) => {
+                    // A cgroup namespace is rooted at its creator's cgroup: join the
+                    // instance's cgroup2 directory first, then exec unshare (the same
+                    // process, so PDEATHSIG and the pid the harness watches stay valid).
+                    cmd.args([
+                        "/bin/sh",
+                        "-c",
+                        r#"echo $$ > "$1" && shift && exec "$@""#,
+                        "sh",
+                    ])
+                    .args(procs)
+                    .arg("unshare")
+                    .args(["--fork", "--pid", "--mount", "--ipc", "--uts", "--cgroup"])
+                    .args(["--propagation", "private", "--kill-child", "/bin/sh"])
+                    .arg(dir.join("boot.sh"))
+                    .arg(&dir)
+                    .arg(rootfs);
+                }
+            }
+            cmd.env_clear()
                 .env("PATH", PATH)
                 .stdin(Stdio::null())
                 .stdout(out)
@@ -431,6 +580,7 @@ impl Systemd {
             id,
             dir,
             diagnosed: AtomicBool::new(false),
+            version,
         };
         let deadline = Instant::now() + BOOT_TIMEOUT;
         if let Err(reason) = systemd
@@ -608,23 +758,24 @@ fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"))
 }
 
-fn unavailable(reason: &str) -> Option<Systemd> {
+fn unavailable(version: Version, reason: &str) -> Option<Systemd> {
     assert!(
         !in_ci(),
-        "\n\n==== systemd test harness: cannot boot systemd, and CI is set ====\n{reason}\n\
+        "\n\n==== systemd test harness: cannot boot {version}, and CI is set ====\n{reason}\n\
          ==== (outside CI these tests are skipped) ====\n"
     );
     // Straight to fd 2: libtest's capture (print macros only) would hide it.
     let _ = writeln!(
         io::stderr(),
-        "SKIPPED: cannot boot a systemd test instance: {reason}\n\
+        "SKIPPED: cannot boot a {version} test instance: {reason}\n\
          (set CI=true to turn this into a failure)"
     );
     None
 }
 
-/// Cheap checks that tell "this machine cannot do it" apart from a broken boot.
-fn preflight() -> Result<(), String> {
+/// Cheap checks that tell "this machine cannot do it" apart from a broken boot; returns
+/// the rootfs to boot (`None`: the host's `/`).
+fn preflight(version: Version) -> Result<Option<PathBuf>, String> {
     if !geteuid().is_root() {
         return Err("not running as root".to_owned());
     }
@@ -633,20 +784,77 @@ fn preflight() -> Result<(), String> {
             return Err(format!("`{tool}` not found in {PATH}"));
         }
     }
-    if !Path::new(SYSTEMD_BIN).is_file() {
-        return Err(format!("{SYSTEMD_BIN} not found"));
+    let rootfs = match version {
+        Version::V252 => {
+            if !Path::new(SYSTEMD_BIN).is_file() {
+                return Err(format!("{SYSTEMD_BIN} not found"));
+            }
+            if systemd_cgroup_mounts().is_empty() {
+                return Err("neither a name=systemd nor a cgroup2 hierarchy is mounted".to_owned());
+            }
+            None
+        }
+        Version::V257 => {
+            if cgroup2_mount().is_none() {
+                return Err("no cgroup2 hierarchy is mounted (systemd 257 needs one)".to_owned());
+            }
+            Some(rootfs_257()?)
+        }
+    };
+    Ok(rootfs)
+}
+
+/// The Debian 13 rootfs for systemd 257: `$CLUSTERCTL_SD257_ROOTFS`, else where
+/// `scripts/sd257-rootfs.sh path` says the current recipe's build lives. Errors name the
+/// command that builds it.
+pub fn rootfs_257() -> Result<PathBuf, String> {
+    let rootfs = if let Some(path) = std::env::var_os("CLUSTERCTL_SD257_ROOTFS") {
+        PathBuf::from(path)
+    } else {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/sd257-rootfs.sh");
+        let output = output_with_deadline(
+            Command::new("bash").arg(&script).arg("path"),
+            None,
+            COMMAND_TIMEOUT,
+        )
+        .map_err(|err| format!("running {}: {err}", script.display()))?;
+        if !output.status.success() {
+            return Err(format!(
+                "{} path failed: {}",
+                script.display(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            ));
+        }
+        PathBuf::from(String::from_utf8_lossy(&output.stdout).trim())
+    };
+    if rootfs.join("usr/lib/systemd/systemd").is_file() {
+        Ok(rootfs)
+    } else {
+        Err(format!(
+            "no systemd 257 rootfs at {} (build it with `bash scripts/sd257-rootfs.sh build`, \
+             which scripts/test.sh runs)",
+            rootfs.display()
+        ))
     }
-    if systemd_cgroup_mounts().is_empty() {
-        return Err("neither a name=systemd nor a cgroup2 hierarchy is mounted".to_owned());
-    }
-    Ok(())
+}
+
+/// Mount point of the cgroup2 (unified) hierarchy, if one is mounted.
+fn cgroup2_mount() -> Option<PathBuf> {
+    mounts()
+        .into_iter()
+        .find(|(fstype, _, _)| fstype == "cgroup2")
+        .map(|(_, mount_point, _)| mount_point)
 }
 
 /// Creates the temp dir with the boot script and the instance's cgroups;
 /// returns the `cgroup.procs` files the script must join.
-fn prepare_host_state(id: &str, dir: &Path) -> io::Result<Vec<OsString>> {
+fn prepare_host_state(version: Version, id: &str, dir: &Path) -> io::Result<Vec<OsString>> {
     fs::create_dir(dir)?;
-    fs::write(dir.join("boot.sh"), BOOT_SCRIPT)?;
+    let script = match version {
+        Version::V252 => BOOT_SCRIPT,
+        Version::V257 => BOOT_SCRIPT_257,
+    };
+    fs::write(dir.join("boot.sh"), script)?;
     // Paths the instance must see as on the host: the checkout and the build output
     // (tests run its binaries and scripts inside).
     let bin_dir = Path::new(env!("CARGO_BIN_EXE_clusterctl"))
@@ -656,7 +864,12 @@ fn prepare_host_state(id: &str, dir: &Path) -> io::Result<Vec<OsString>> {
     let binds = format!("{}\n{}\n", env!("CARGO_MANIFEST_DIR"), bin_dir.display());
     fs::write(dir.join("binds"), binds)?;
     let mut procs = Vec::new();
-    for mount in systemd_cgroup_mounts() {
+    // systemd 257 gets a cgroup namespace rooted in the unified hierarchy only.
+    let mounts = match version {
+        Version::V252 => systemd_cgroup_mounts(),
+        Version::V257 => cgroup2_mount().into_iter().collect(),
+    };
+    for mount in mounts {
         let cgroup = mount.join(CGROUP_PARENT).join(id);
         fs::create_dir_all(&cgroup)?;
         procs.push(cgroup.join("cgroup.procs").into_os_string());
