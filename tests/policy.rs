@@ -24,11 +24,14 @@ const SECS: fn(u64) -> Duration = Duration::from_secs;
 /// supervisor reaps it, so signalling it only ever hits our own worker or a zombie.
 fn workers_of(sup: &Supervisor) -> Vec<i32> {
     let pid = sup.pid();
+    let own_exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
     let text = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
         .expect("/proc/PID/task/TID/children (CONFIG_PROC_CHILDREN)");
     text.split_whitespace()
         .filter_map(|p| p.parse().ok())
         .filter(|p| alive(*p))
+        // Not the supervisor's guardian (a fork of it, never exec'd; see src/sys.rs).
+        .filter(|p| std::fs::read_link(format!("/proc/{p}/exe")).ok() != own_exe)
         .collect()
 }
 
