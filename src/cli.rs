@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use clap::builder::{PossibleValue, TypedValueParser};
 use clap::{Args, Parser, Subcommand, ValueEnum, ValueHint};
 
-use crate::config::{Dur, ListenSpec, ReadyMode, RestartDelay, Sig, Workers};
+use crate::config::{AgeLimit, Dur, ListenSpec, ReadyMode, RestartDelay, Sig, Size, Workers};
 
 /// A value parser for a `FromStr` type that also lists typical values, so `--help` and the
 /// shell completions offer them (the type itself accepts more, e.g. any `after:DUR`).
@@ -94,6 +94,8 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once at start: the size of `Run` does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Supervise N workers sharing the listening sockets (the unit's ExecStart=)
     #[command(after_help = RUN_EXAMPLES)]
@@ -365,6 +367,16 @@ pub struct SupervisorOpts {
     /// that dies sooner is a failed start (a reload rolls back; 0 turns this off)
     #[arg(long, value_name = "DUR", default_value = "1s")]
     pub min_uptime: Dur,
+
+    /// Replace a worker (new before old) whose resident memory, with its children's, stays
+    /// above SIZE (e.g. 512M, 1G) in two samples 5s apart
+    #[arg(long, value_name = "SIZE")]
+    pub max_worker_memory: Option<Size>,
+
+    /// Replace a worker (new before old) once it is this old; `6h±10%` gives each worker
+    /// its own limit within 10% of 6h, so slots do not recycle together
+    #[arg(long, value_name = "DUR[±P%]")]
+    pub max_worker_age: Option<AgeLimit>,
 }
 
 impl SupervisorOpts {
@@ -420,6 +432,14 @@ impl SupervisorOpts {
         if let Some(d) = self.exit_idle_after {
             out.push("--exit-idle-after".into());
             out.push(d.to_string());
+        }
+        if let Some(m) = self.max_worker_memory {
+            out.push("--max-worker-memory".into());
+            out.push(m.to_string());
+        }
+        if let Some(a) = self.max_worker_age {
+            out.push("--max-worker-age".into());
+            out.push(a.to_string());
         }
         out
     }

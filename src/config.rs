@@ -463,6 +463,123 @@ impl fmt::Display for Sig {
     }
 }
 
+/// A memory size: `512M`, `1G`, `1.5G`, `64K`, or bytes. Binary units (K = 1024), as in
+/// systemd's `MemoryMax=`; `KiB`/`MiB`/`GiB`/`TiB` and a trailing `B` are accepted too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Size(pub u64);
+
+impl FromStr for Size {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim();
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let value: f64 = num
+            .parse()
+            .map_err(|_| format!("invalid size {s:?}: expected a number (examples: 512M, 1G)"))?;
+        let unit = unit.trim().to_ascii_uppercase();
+        let unit = unit.strip_suffix("IB").map_or_else(
+            || unit.strip_suffix('B').unwrap_or(&unit).to_string(),
+            str::to_string,
+        );
+        let scale: u64 = match unit.as_str() {
+            "" => 1,
+            "K" => 1 << 10,
+            "M" => 1 << 20,
+            "G" => 1 << 30,
+            "T" => 1 << 40,
+            other => {
+                return Err(format!(
+                    "invalid size {s:?}: unknown unit {other:?} (use K, M, G or T)"
+                ));
+            }
+        };
+        #[allow(clippy::cast_precision_loss)]
+        let bytes = value * scale as f64;
+        if !bytes.is_finite() || !(1.0..=1e18).contains(&bytes) {
+            return Err(format!("invalid size {s:?}: out of range"));
+        }
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        Ok(Size(bytes.round() as u64))
+    }
+}
+
+impl fmt::Display for Size {
+    /// The largest unit that is exact: `512M`, `1G`, `1536K`, `1000`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
+            if b >= 1 << shift && b.is_multiple_of(1 << shift) {
+                return write!(f, "{}{unit}", b >> shift);
+            }
+        }
+        write!(f, "{b}")
+    }
+}
+
+/// An age limit with jitter: `6h`, `6h±10%` (or `6h+-10%`): each worker gets its own limit,
+/// drawn evenly from 6h − 10% .. 6h + 10%, so that slots started together do not all
+/// reach it at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgeLimit {
+    pub base: Duration,
+    /// Percent, 0..=50.
+    pub jitter: u32,
+}
+
+impl AgeLimit {
+    /// The limit for `u`, a number in 0..=1 (0 gives base − jitter, 1 base + jitter).
+    pub fn pick(&self, u: f64) -> Duration {
+        let spread = f64::from(self.jitter) / 100.0;
+        self.base
+            .mul_f64((1.0 - spread + 2.0 * spread * u.clamp(0.0, 1.0)).max(0.0))
+    }
+}
+
+impl FromStr for AgeLimit {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim();
+        let (base, jitter) = match t.split_once('±').or_else(|| t.split_once("+-")) {
+            Some((b, j)) => {
+                let j = j.trim();
+                let pct = j.strip_suffix('%').ok_or_else(|| {
+                    format!("invalid age {s:?}: the jitter is a percentage, e.g. 6h±10%")
+                })?;
+                let pct: u32 = pct
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("invalid age {s:?}: bad jitter {j:?} (e.g. 10%)"))?;
+                if pct > 50 {
+                    return Err(format!("invalid age {s:?}: the jitter is at most 50%"));
+                }
+                (b.parse::<Dur>()?.0, pct)
+            }
+            None => (t.parse::<Dur>()?.0, 0),
+        };
+        if base < Duration::from_secs(1) {
+            return Err(format!(
+                "invalid age {s:?}: at least 1s (a worker must have time to start and serve)"
+            ));
+        }
+        Ok(AgeLimit { base, jitter })
+    }
+}
+
+impl fmt::Display for AgeLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.jitter == 0 {
+            write!(f, "{}", Dur(self.base))
+        } else {
+            write!(f, "{}±{}%", Dur(self.base), self.jitter)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -603,5 +720,42 @@ mod tests {
         assert_eq!("sigquit".parse::<Sig>(), Ok(Sig(Signal::SIGQUIT)));
         assert_eq!("15".parse::<Sig>(), Ok(Sig(Signal::SIGTERM)));
         assert!("NOPE".parse::<Sig>().is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        let z = |s: &str| s.parse::<Size>().map(|v| v.0);
+        assert_eq!(z("512M"), Ok(512 << 20));
+        assert_eq!(z("1G"), Ok(1 << 30));
+        assert_eq!(z("1.5G"), Ok(3 << 29));
+        assert_eq!(z("64KiB"), Ok(64 << 10));
+        assert_eq!(z("100mb"), Ok(100 << 20));
+        assert_eq!(z("4096"), Ok(4096));
+        for bad in ["", "M", "12X", "-1M", "0", "1e30"] {
+            assert!(bad.parse::<Size>().is_err(), "{bad:?} should be rejected");
+        }
+        for s in ["512M", "1G", "1536K", "1000", "3T"] {
+            assert_eq!(s.parse::<Size>().unwrap().to_string(), s);
+        }
+    }
+
+    #[test]
+    fn age_limits() {
+        let a: AgeLimit = "6h±10%".parse().unwrap();
+        assert_eq!((a.base, a.jitter), (Duration::from_secs(6 * 3600), 10));
+        assert_eq!(a.to_string(), "6h±10%");
+        assert_eq!("6h+-10%".parse::<AgeLimit>(), Ok(a));
+        assert_eq!(a.pick(0.0), Duration::from_secs(6 * 3600 - 2160));
+        assert_eq!(a.pick(1.0), Duration::from_secs(6 * 3600 + 2160));
+        assert_eq!(a.pick(0.5), Duration::from_secs(6 * 3600));
+        let plain: AgeLimit = "30min".parse().unwrap();
+        assert_eq!((plain.jitter, plain.to_string()), (0, "30min".to_string()));
+        assert_eq!(plain.pick(0.9), Duration::from_secs(1800));
+        for bad in ["", "6h±", "6h±10", "6h±60%", "500ms", "x±5%"] {
+            assert!(
+                bad.parse::<AgeLimit>().is_err(),
+                "{bad:?} should be rejected"
+            );
+        }
     }
 }

@@ -26,6 +26,10 @@ pub struct WorkerRow {
     pub processes: Option<u32>,
     /// RSS summed over the worker's tree.
     pub tree_rss_bytes: Option<u64>,
+    /// Workers of this slot replaced by recycling (`--max-worker-memory`/`-age`)...
+    pub recycles: u32,
+    /// ... and the last one: (how long ago, `memory` | `age`, the measured value).
+    pub last_recycle: Option<(Duration, &'static str, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -167,6 +171,17 @@ pub fn report(
                 status: w.status.clone(),
                 processes: rss.map(|_| 1 + u32::try_from(tree.len()).unwrap_or(u32::MAX)),
                 tree_rss_bytes: tree_rss,
+                recycles: if current {
+                    slot.map_or(0, |s| s.recycles)
+                } else {
+                    0
+                },
+                last_recycle: if current {
+                    slot.and_then(|s| s.last_recycle.as_ref())
+                        .map(|(t, r)| recycle_info(now, *t, r))
+                } else {
+                    None
+                },
             }
         })
         .collect();
@@ -185,6 +200,11 @@ pub fn report(
                 status: None,
                 processes: None,
                 tree_rss_bytes: None,
+                recycles: s.recycles,
+                last_recycle: s
+                    .last_recycle
+                    .as_ref()
+                    .map(|(t, r)| recycle_info(now, *t, r)),
             });
         }
     }
@@ -210,6 +230,14 @@ pub fn report(
             .map(|(t, r)| (now.saturating_duration_since(*t), r.clone())),
         workers,
     }
+}
+
+fn recycle_info(
+    now: Instant,
+    at: Instant,
+    r: &crate::supervisor::state::RecycleReason,
+) -> (Duration, &'static str, String) {
+    (now.saturating_duration_since(at), r.kind(), r.to_string())
 }
 
 fn secs(d: Duration) -> String {
@@ -255,13 +283,24 @@ impl Report {
         }
         let _ = writeln!(
             o,
-            "{:>4} {:>8} {:>4} {:<11} {:>8} {:>8} {:<16} {:>5} {:>8} {:>8}  STATUS",
-            "SLOT", "PID", "GEN", "STATE", "UPTIME", "RESTARTS", "LAST EXIT", "PROCS", "RSS", "CPU"
+            "{:>4} {:>8} {:>4} {:<11} {:>8} {:>8} {:<16} {:>5} {:>8} {:>8} {:>8} {:<18}  STATUS",
+            "SLOT",
+            "PID",
+            "GEN",
+            "STATE",
+            "UPTIME",
+            "RESTARTS",
+            "LAST EXIT",
+            "PROCS",
+            "RSS",
+            "CPU",
+            "RECYCLES",
+            "LAST RECYCLE"
         );
         for w in &self.workers {
             let _ = writeln!(
                 o,
-                "{:>4} {:>8} {:>4} {:<11} {:>8} {:>8} {:<16} {:>5} {:>8} {:>8}  {}",
+                "{:>4} {:>8} {:>4} {:<11} {:>8} {:>8} {:<16} {:>5} {:>8} {:>8} {:>8} {:<18}  {}",
                 w.slot,
                 w.pid.map_or("-".into(), |p| p.to_string()),
                 w.generation,
@@ -272,6 +311,13 @@ impl Report {
                 w.processes.map_or("-".into(), |n| n.to_string()),
                 w.tree_rss_bytes.map_or("-".into(), human_bytes),
                 w.cpu_seconds.map_or("-".into(), |c| format!("{c:.2}s")),
+                w.recycles,
+                w.last_recycle
+                    .as_ref()
+                    .map_or("-".into(), |(ago, kind, _)| format!(
+                        "{kind} {}s ago",
+                        secs(*ago)
+                    )),
                 w.status.as_deref().unwrap_or("")
             );
         }
@@ -320,7 +366,7 @@ impl Report {
             }
             let _ = write!(
                 o,
-                "{{\"slot\":{},\"pid\":{},\"generation\":{},\"state\":{},\"uptime_seconds\":{},\"restarts\":{},\"last_exit\":{},\"rss_bytes\":{},\"cpu_seconds\":{},\"status\":{},\"processes\":{},\"tree_rss_bytes\":{}}}",
+                "{{\"slot\":{},\"pid\":{},\"generation\":{},\"state\":{},\"uptime_seconds\":{},\"restarts\":{},\"last_exit\":{},\"rss_bytes\":{},\"cpu_seconds\":{},\"status\":{},\"processes\":{},\"tree_rss_bytes\":{},\"recycles\":{},\"last_recycle\":{}}}",
                 w.slot,
                 w.pid.map_or("null".into(), |p| p.to_string()),
                 w.generation,
@@ -332,7 +378,16 @@ impl Report {
                 w.cpu_seconds.map_or("null".into(), |c| format!("{c:.2}")),
                 w.status.as_deref().map_or("null".into(), jstr),
                 w.processes.map_or("null".into(), |n| n.to_string()),
-                w.tree_rss_bytes.map_or("null".into(), |b| b.to_string())
+                w.tree_rss_bytes.map_or("null".into(), |b| b.to_string()),
+                w.recycles,
+                w.last_recycle
+                    .as_ref()
+                    .map_or("null".into(), |(ago, kind, detail)| format!(
+                        "{{\"seconds_ago\":{},\"reason\":{},\"detail\":{}}}",
+                        secs(*ago),
+                        jstr(kind),
+                        jstr(detail)
+                    ))
             );
         }
         o.push_str("]}");

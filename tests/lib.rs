@@ -7,6 +7,7 @@ mod faults;
 mod gen_units;
 mod package;
 mod policy;
+mod recycle;
 mod run;
 mod servers;
 mod support;

@@ -74,6 +74,9 @@ pub enum Event {
     /// The answer to `Action::ProbeAccepting`; `None` when the sockets cannot be seen
     /// (no TCP listener, no netlink).
     Backlog(Option<Backlog>),
+    /// The answer to `Action::SampleMemory`: resident memory in bytes (the worker's whole
+    /// process tree) of each worker that could be read.
+    Memory(Vec<(Pid, u64)>),
     /// Some armed deadline may have passed (the executor wakes us at `next_deadline`).
     Tick,
 }
@@ -109,6 +112,9 @@ pub enum Action {
     },
     /// Look at the listening sockets' accept queues; the result comes back as `Backlog`.
     ProbeAccepting,
+    /// Read the resident memory of the starting and ready workers; the result comes back
+    /// as `Memory`.
+    SampleMemory,
     /// All workers are gone: exit the supervisor with this code.
     Exit { code: u8 },
 }
@@ -132,7 +138,7 @@ pub struct WorkerTag {
     pub pid: Option<Pid>,
 }
 
-/// Formats a duration for humans in log lines: `250ms`, `1.5s`, `2m30s`.
+/// Formats a duration for humans in log lines: `250ms`, `1.5s`, `2m30s`, `6h12m`.
 pub fn human(d: Duration) -> String {
     let ms = d.as_millis();
     if ms < 1000 {
@@ -144,8 +150,10 @@ pub fn human(d: Duration) -> String {
         } else {
             format!("{}.{}s", tenths / 10, tenths % 10)
         }
-    } else {
+    } else if ms < 3_600_000 {
         format!("{}m{}s", ms / 60_000, (ms % 60_000) / 1000)
+    } else {
+        format!("{}h{}m", ms / 3_600_000, (ms % 3_600_000) / 60_000)
     }
 }
 
@@ -159,6 +167,7 @@ mod tests {
         assert_eq!(human(Duration::from_millis(1500)), "1.5s");
         assert_eq!(human(Duration::from_secs(30)), "30s");
         assert_eq!(human(Duration::from_secs(150)), "2m30s");
+        assert_eq!(human(Duration::from_secs(6 * 3600 + 725)), "6h12m");
         assert_eq!(ExitKind::Signal(9).to_string(), "signal SIGKILL");
         assert_eq!(ExitKind::Code(3).to_string(), "exit code 3");
     }

@@ -14,8 +14,8 @@ use tracing::Level;
 use super::event::{Action, Backlog, Event, ExitKind, Ticket, WorkerTag, human};
 use super::state::{
     ACCEPT_PROBE_FIRST, ACCEPT_PROBE_FOR, ACCEPT_PROBE_MAX, AcceptProbe, GIVE_UP_QUIET,
-    NO_READY_HINT_AFTER, Phase, Queued, Reload, ReloadKind, STABLE_AFTER, START_ATTEMPTS, State,
-    Worker, WorkerPhase,
+    MEMORY_SAMPLE_EVERY, MEMORY_SAMPLES, NO_READY_HINT_AFTER, Phase, Queued, Recycle,
+    RecycleReason, Reload, ReloadKind, STABLE_AFTER, START_ATTEMPTS, State, Worker, WorkerPhase,
 };
 use crate::config::{MAX_WORKERS, ReadyMode};
 use crate::error::exit;
@@ -30,6 +30,8 @@ const UNWANTED: &str = "not wanted any more";
 const WATCHDOG: &str = "missed its watchdog";
 const SCALED_DOWN: &str = "scaled down";
 const IDLE: &str = "idle";
+const RECYCLED: &str = "recycled";
+const RECYCLE_CANCELLED: &str = "its recycle was cancelled";
 
 /// Applies one event at time `now` and returns what to do, in order.
 pub fn handle(state: &mut State, event: Event, now: Instant) -> Vec<Action> {
@@ -78,6 +80,7 @@ pub fn handle(state: &mut State, event: Event, now: Instant) -> Vec<Action> {
             }
         }
         Event::Backlog(b) => backlog(state, b, now, &mut out),
+        Event::Memory(samples) => memory(state, &samples),
         Event::Tick => tick(state, now, &mut out),
     }
     settle(state, now, &mut out);
@@ -141,7 +144,15 @@ fn spawned(
     now: Instant,
     out: &mut Vec<Action>,
 ) {
-    let wanted = wanted(state, slot, generation);
+    // The replacement of a slot being recycled (its old worker still serves).
+    let replacement = match &mut state.recycle {
+        Some(r) if r.slot == slot && r.generation == generation && r.new.is_none() => {
+            r.new = Some(pid);
+            true
+        }
+        _ => false,
+    };
+    let wanted = replacement || wanted(state, slot, generation);
     let phase = if !wanted {
         out.push(Action::Kill {
             pid,
@@ -171,6 +182,15 @@ fn spawned(
         established: false,
         stop_reason: (!wanted).then_some(UNWANTED),
         last_ping: matches!(phase, WorkerPhase::Ready { .. }).then_some(now),
+        recycle_at: state.cfg.max_worker_age.map(|a| {
+            now + a.pick(unit_interval(
+                state.seed,
+                u64::from(slot) << 32 | u64::from(generation),
+                pid,
+            ))
+        }),
+        rss: None,
+        rss_over: 0,
     };
     log(
         out,
@@ -214,6 +234,13 @@ fn spawn_failed(
         t,
         format!("cannot start worker {slot}: {error}"),
     );
+    if state
+        .recycle
+        .is_some_and(|r| r.slot == slot && r.generation == generation && r.new.is_none())
+    {
+        recycle_failed(state, &format!("could not be started: {error}"), now, out);
+        return;
+    }
     if !wanted(state, slot, generation) {
         return;
     }
@@ -419,6 +446,10 @@ fn exited(state: &mut State, pid: Pid, how: ExitKind, now: Instant, out: &mut Ve
     } else {
         format!("exited ({how}) before it was ready")
     };
+    if state.recycle.is_some_and(|r| r.new == Some(pid)) {
+        recycle_failed(state, &why, now, out);
+        return;
+    }
     if w.stop_reason != Some(READY_TIMEOUT) {
         log(
             out,
@@ -554,6 +585,7 @@ fn idle_timeout(state: &mut State, now: Instant, out: &mut Vec<Action>) {
                 human(d)
             ),
         );
+        state.recycle = None;
         state.phase = Phase::Idle;
         for s in &mut state.slots {
             s.respawn_at = None;
@@ -605,6 +637,7 @@ fn scale(
         None,
         format!("scaling from {old} to {workers} workers"),
     );
+    cancel_recycle(state, "the pool is scaled", now, out);
     state.cfg.workers = workers;
     if workers > old {
         for slot in old..workers {
@@ -806,6 +839,7 @@ fn stop(state: &mut State, code: u8, now: Instant, out: &mut Vec<Action>) {
             ),
         );
     }
+    state.recycle = None;
     state.phase = Phase::Stopping {
         force_at: Some(now + state.cfg.stop_timeout),
         code,
@@ -915,6 +949,8 @@ fn start_queued_reload(state: &mut State, now: Instant, out: &mut Vec<Action>) {
     if draining {
         return;
     }
+    // The reload replaces every worker anyway.
+    cancel_recycle(state, "a reload starts", now, out);
     let q = state.queued.take().unwrap_or_default();
     let generation = state.last_generation + 1;
     state.last_generation = generation;
@@ -1124,6 +1160,15 @@ fn tick(state: &mut State, now: Instant, out: &mut Vec<Action>) {
         p.at = p.until + Duration::from_secs(1);
         out.push(Action::ProbeAccepting);
     }
+    if state.recycle_retry_at.is_some_and(|t| t <= now) {
+        state.recycle_retry_at = None;
+    }
+    if let Some(t) = state.memory_sample_at
+        && t <= now
+    {
+        state.memory_sample_at = Some(now + MEMORY_SAMPLE_EVERY);
+        out.push(Action::SampleMemory);
+    }
     idle_timeout(state, now, out);
     if let Phase::Stopping {
         force_at: Some(t),
@@ -1230,6 +1275,7 @@ fn settle(state: &mut State, now: Instant, out: &mut Vec<Action>) {
     }
     start_queued_reload(state, now, out);
     keep_one_coming(state, now, out);
+    recycling(state, now, out);
     let status = state.status_line();
     if status != state.last_status
         && !matches!(state.phase, Phase::Stopping { code, .. } if code != exit::OK)
@@ -1269,6 +1315,201 @@ fn keep_one_coming(state: &mut State, now: Instant, out: &[Action]) {
         && s.respawn_at.is_some_and(|t| t > soon)
     {
         s.respawn_at = Some(soon);
+    }
+}
+
+/// A memory sample came back: count, per worker, the samples in a row above the limit.
+fn memory(state: &mut State, samples: &[(Pid, u64)]) {
+    let Some(limit) = state.cfg.max_worker_memory else {
+        return;
+    };
+    for &(pid, rss) in samples {
+        if let Some(w) = state.worker_mut(pid) {
+            w.rss = Some(rss);
+            w.rss_over = if rss > limit { w.rss_over + 1 } else { 0 };
+        }
+    }
+}
+
+/// A number in 0..=1 from the seed and a worker's identity (splitmix64): its age limit
+/// within the jitter. Pure, so the fake-clock tests are repeatable.
+fn unit_interval(seed: u64, id: u64, pid: Pid) -> f64 {
+    let mut z = seed ^ id.rotate_left(17) ^ u64::from(pid.as_raw().unsigned_abs());
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    #[allow(clippy::cast_precision_loss)]
+    let u = (z >> 11) as f64 / (1u64 << 53) as f64;
+    u
+}
+
+/// Worker recycling (`--max-worker-memory`, `--max-worker-age`), one slot at a time, new
+/// before old: arms the memory samples; drains the old worker once its replacement is
+/// established; starts the replacement for the next worker due.
+fn recycling(state: &mut State, now: Instant, out: &mut Vec<Action>) {
+    let sampling = state.cfg.max_worker_memory.is_some()
+        && matches!(state.phase, Phase::Starting | Phase::Running);
+    if !sampling {
+        state.memory_sample_at = None;
+    } else if state.memory_sample_at.is_none() {
+        state.memory_sample_at = Some(now + MEMORY_SAMPLE_EVERY);
+    }
+    if let Some(r) = state.recycle
+        && let Some(new) = r.new
+        && state
+            .worker(new)
+            .is_some_and(|w| w.established && matches!(w.phase, WorkerPhase::Ready { .. }))
+    {
+        state.recycle = None;
+        state.recycle_delay = state.cfg.restart.min;
+        let took = now.saturating_duration_since(r.started);
+        if let Some(s) = state.slots.get_mut(r.slot as usize) {
+            s.recycles += 1;
+            s.last_recycle = Some((now, r.reason));
+        }
+        let tag = state.worker(new).map(Worker::tag);
+        log(
+            out,
+            Level::INFO,
+            tag,
+            format!(
+                "worker {} recycled: pid {new} serves, pid {} drains ({}; took {})",
+                r.slot,
+                r.old,
+                r.reason.kind(),
+                human(took)
+            ),
+        );
+        drain(state, r.old, RECYCLED, now, out);
+    }
+    if !state.may_recycle() {
+        return;
+    }
+    let limit = state.cfg.max_worker_memory;
+    let due = state
+        .workers
+        .iter()
+        .filter(|w| {
+            matches!(w.phase, WorkerPhase::Ready { .. })
+                && w.established
+                && state
+                    .slots
+                    .get(w.slot as usize)
+                    .is_some_and(|s| s.generation == w.generation)
+        })
+        .filter_map(|w| {
+            if let (Some(limit), Some(rss)) = (limit, w.rss)
+                && w.rss_over >= MEMORY_SAMPLES
+            {
+                // Memory first: it is the urgent one.
+                return Some((0, w.started, w, RecycleReason::Memory { rss, limit }));
+            }
+            let at = w.recycle_at.filter(|t| *t <= now)?;
+            let reason = RecycleReason::Age {
+                age: now.saturating_duration_since(w.started),
+                limit: at.saturating_duration_since(w.started),
+            };
+            Some((1, at, w, reason))
+        })
+        .min_by_key(|(rank, at, w, _)| (*rank, *at, w.slot));
+    let Some((_, _, w, reason)) = due else {
+        return;
+    };
+    let r = Recycle {
+        slot: w.slot,
+        generation: w.generation,
+        old: w.pid,
+        new: None,
+        reason,
+        started: now,
+    };
+    let age = now.saturating_duration_since(w.started);
+    // Over the limit within a few samples of its start: the limit is likely below what
+    // the worker needs at all, and every replacement will be recycled again.
+    let (level, hint) = match reason {
+        RecycleReason::Memory { .. } if age < MEMORY_SAMPLE_EVERY * 6 => (
+            Level::WARN,
+            format!(
+                " (it is only {} old: if --max-worker-memory is below what a fresh worker \
+                 needs, every replacement is recycled again)",
+                human(age)
+            ),
+        ),
+        _ => (Level::INFO, String::new()),
+    };
+    log(
+        out,
+        level,
+        Some(w.tag()),
+        format!(
+            "recycling worker {} (pid {}): {reason}{hint}; starting its replacement",
+            r.slot, r.old
+        ),
+    );
+    state.recycle = Some(r);
+    out.push(Action::Spawn {
+        slot: r.slot,
+        generation: r.generation,
+    });
+}
+
+/// The replacement of a recycling slot failed: the old worker keeps serving (or, if it died
+/// meanwhile, the slot is refilled), and recycling is tried again after a backoff.
+fn recycle_failed(state: &mut State, why: &str, now: Instant, out: &mut Vec<Action>) {
+    let Some(r) = state.recycle.take() else {
+        return;
+    };
+    let delay = state.recycle_delay;
+    let restart = state.cfg.restart;
+    state.recycle_delay = (delay * 2).clamp(restart.min, restart.max);
+    state.recycle_retry_at = Some(now + delay);
+    let old_alive = state.live_in(r.generation, r.slot).is_some();
+    let t = Some(WorkerTag {
+        slot: r.slot,
+        generation: r.generation,
+        pid: r.new,
+    });
+    let keeps = if old_alive {
+        format!("pid {} keeps serving", r.old)
+    } else {
+        format!("pid {} is gone too", r.old)
+    };
+    log(
+        out,
+        Level::WARN,
+        t,
+        format!(
+            "replacement for recycling worker {} {why}: {keeps}; recycling again in {}",
+            r.slot,
+            human(delay)
+        ),
+    );
+    if !old_alive
+        && state.phase == Phase::Running
+        && state
+            .slots
+            .get(r.slot as usize)
+            .is_some_and(|s| s.generation == r.generation && s.respawn_at.is_none())
+    {
+        schedule_respawn(state, r.slot, Refill::Now, now, out);
+    }
+}
+
+/// Stops a recycle in progress (its replacement, unless it already took over, is
+/// drained; the old worker stays).
+fn cancel_recycle(state: &mut State, why: &str, now: Instant, out: &mut Vec<Action>) {
+    let Some(r) = state.recycle.take() else {
+        return;
+    };
+    log(
+        out,
+        Level::INFO,
+        None,
+        format!("recycle of worker {} cancelled: {why}", r.slot),
+    );
+    if let Some(new) = r.new {
+        drain(state, new, RECYCLE_CANCELLED, now, out);
     }
 }
 
@@ -1326,7 +1567,14 @@ impl State {
                 self.ready_count(r.generation)
             ),
             (Phase::Running, None) => {
+                let ready = ready.min(n as usize);
                 let mut s = format!("{ready}/{n} workers ready, generation {}", self.generation);
+                if let Some(r) = &self.recycle {
+                    let _ = std::fmt::Write::write_fmt(
+                        &mut s,
+                        format_args!("; recycling worker {} ({})", r.slot, r.reason.kind()),
+                    );
+                }
                 if let Some((_, Err(e))) = &self.last_reload {
                     s.push_str("; last ");
                     s.push_str(e);

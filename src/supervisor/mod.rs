@@ -7,6 +7,7 @@
 
 pub mod event;
 mod handle;
+mod memory;
 pub mod state;
 
 use std::ffi::OsString;
@@ -105,6 +106,8 @@ pub fn run(args: RunArgs) -> Result<u8> {
         exit_idle_after: args.opts.exit_idle_after.map(|d| d.0),
         lazy: args.lazy,
         min_uptime: args.opts.min_uptime.0,
+        max_worker_memory: args.opts.max_worker_memory.map(|s| s.0),
+        max_worker_age: args.opts.max_worker_age,
     };
     if cfg
         .worker_watchdog
@@ -356,8 +359,14 @@ impl Executor {
         if let Some(id) = &journal_identifier {
             tracing::info!("worker output goes to the journal as {id}/SLOT (journalctl -t {id}/0)");
         }
+        let mut state = State::new(cfg);
+        // Spreads the workers' jittered age limits differently in every run.
+        state.seed = u64::from(std::process::id()).rotate_left(32)
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::from(d.subsec_nanos()) ^ d.as_secs());
         Ok(Executor {
-            state: State::new(cfg),
+            state,
             listeners,
             notify,
             signals,
@@ -905,6 +914,21 @@ impl Executor {
                     }
                 };
                 return Some(Outcome::Event(Event::Backlog(found)));
+            }
+            Action::SampleMemory => {
+                let samples = self
+                    .state
+                    .workers
+                    .iter()
+                    .filter(|w| {
+                        matches!(
+                            w.phase,
+                            state::WorkerPhase::Starting { .. } | state::WorkerPhase::Ready { .. }
+                        )
+                    })
+                    .filter_map(|w| memory::tree_rss(w.pid.as_raw()).map(|b| (w.pid, b)))
+                    .collect();
+                return Some(Outcome::Event(Event::Memory(samples)));
             }
             Action::Answer { ticket, result } => {
                 if let Some(i) = self.waiting.iter().position(|(w, _)| *w == ticket) {

@@ -9,7 +9,7 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use super::event::{ExitKind, Ticket, WorkerTag};
-use crate::config::{ReadyMode, RestartDelay};
+use crate::config::{AgeLimit, ReadyMode, RestartDelay};
 
 /// A slot is refilled with the minimum delay again once its worker stayed up this long.
 pub const STABLE_AFTER: Duration = Duration::from_secs(10);
@@ -37,6 +37,11 @@ pub const ACCEPT_PROBE_MAX: Duration = Duration::from_secs(60);
 /// ... for this long at most (then the generation is left alone: no idle wake-ups).
 pub const ACCEPT_PROBE_FOR: Duration = Duration::from_secs(600);
 
+/// With `--max-worker-memory`: the workers' resident memory is sampled this often...
+pub const MEMORY_SAMPLE_EVERY: Duration = Duration::from_secs(5);
+/// ... and a worker above the limit in this many samples in a row is recycled.
+pub const MEMORY_SAMPLES: u32 = 2;
+
 /// The supervisor's settings, resolved from the command line.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -56,6 +61,10 @@ pub struct Config {
     /// `--min-uptime`: a worker counts as started only once it stayed up this long after
     /// it was ready; one that dies sooner is a failed start (a reload rolls back).
     pub min_uptime: Duration,
+    /// `--max-worker-memory`: recycle a worker whose resident memory (bytes) stays above.
+    pub max_worker_memory: Option<u64>,
+    /// `--max-worker-age`: recycle a worker older than its own (jittered) limit.
+    pub max_worker_age: Option<AgeLimit>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +104,12 @@ pub struct Worker {
     pub stop_reason: Option<&'static str>,
     /// The last `WATCHDOG=1` (or the moment it became ready), with `--worker-watchdog`.
     pub last_ping: Option<Instant>,
+    /// With `--max-worker-age`: when this worker reaches its own age limit.
+    pub recycle_at: Option<Instant>,
+    /// With `--max-worker-memory`: the last resident memory sampled (bytes), and in how
+    /// many samples in a row it was above the limit.
+    pub rss: Option<u64>,
+    pub rss_over: u32,
 }
 
 /// Per-slot bookkeeping for the serving generation: restart backoff and counters.
@@ -111,6 +126,67 @@ pub struct Slot {
     /// Consecutive failed starts (exit or timeout before ready).
     pub failed_starts: u32,
     pub last_exit: Option<ExitKind>,
+    /// Workers of this slot replaced by recycling, and the last time and why.
+    pub recycles: u32,
+    pub last_recycle: Option<(Instant, RecycleReason)>,
+}
+
+/// Why a worker is recycled, with the measured value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecycleReason {
+    /// Resident memory (bytes) above `--max-worker-memory` (bytes) in consecutive samples.
+    Memory { rss: u64, limit: u64 },
+    /// Up for `age`, past its own limit `limit` (from `--max-worker-age`).
+    Age { age: Duration, limit: Duration },
+}
+
+impl RecycleReason {
+    /// `memory` or `age`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RecycleReason::Memory { .. } => "memory",
+            RecycleReason::Age { .. } => "age",
+        }
+    }
+}
+
+impl std::fmt::Display for RecycleReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mib = |b: u64| {
+            #[allow(clippy::cast_precision_loss)]
+            let m = b as f64 / f64::from(1 << 20);
+            format!("{m:.1}M")
+        };
+        match *self {
+            RecycleReason::Memory { rss, limit } => write!(
+                f,
+                "resident memory {} above --max-worker-memory {} in {MEMORY_SAMPLES} samples \
+                 {}s apart",
+                mib(rss),
+                crate::config::Size(limit),
+                MEMORY_SAMPLE_EVERY.as_secs()
+            ),
+            RecycleReason::Age { age, limit } => write!(
+                f,
+                "up {}, past its --max-worker-age limit {}",
+                super::event::human(age),
+                super::event::human(limit)
+            ),
+        }
+    }
+}
+
+/// A slot being recycled: its replacement starts, and once it is ready and up for
+/// `--min-uptime` the old worker is drained. One at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Recycle {
+    pub slot: u32,
+    pub generation: u32,
+    pub old: Pid,
+    /// The replacement, once spawned.
+    pub new: Option<Pid>,
+    pub reason: RecycleReason,
+    pub started: Instant,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,6 +256,16 @@ pub struct State {
     pub hinted: u32,
     /// The pending check that the serving generation accepts connections.
     pub accept_probe: Option<AcceptProbe>,
+    /// The slot being recycled, if one is.
+    pub recycle: Option<Recycle>,
+    /// A replacement failed to start: no recycling before this (backoff) ...
+    pub recycle_retry_at: Option<Instant>,
+    /// ... and the backoff after the next failure.
+    pub recycle_delay: Duration,
+    /// With `--max-worker-memory`: the next memory sample (`None` while one is out).
+    pub memory_sample_at: Option<Instant>,
+    /// Seeds each worker's jittered age limit (the executor sets a random one).
+    pub seed: u64,
 }
 
 /// A scheduled look at the accept queues: are connections waiting that nobody accepts?
@@ -198,6 +284,7 @@ pub struct AcceptProbe {
 impl State {
     pub fn new(cfg: Config) -> State {
         let slots = (0..cfg.workers).map(|_| Slot::new(&cfg)).collect();
+        let cfg_restart_min = cfg.restart.min;
         State {
             cfg,
             phase: Phase::Starting,
@@ -215,6 +302,11 @@ impl State {
             ready_seen: false,
             hinted: 0,
             accept_probe: None,
+            recycle: None,
+            recycle_retry_at: None,
+            recycle_delay: cfg_restart_min,
+            memory_sample_at: None,
+            seed: 0,
         }
     }
 
@@ -263,7 +355,9 @@ impl State {
                     .worker_watchdog
                     .and_then(|wd| w.last_ping.map(|p| p + wd));
                 let established = (!w.established).then_some(since + self.cfg.min_uptime);
-                watchdog.into_iter().chain(established).min()
+                // Only when a recycle could start (else the deadline may be long past).
+                let age = w.recycle_at.filter(|_| self.may_recycle());
+                watchdog.into_iter().chain(established).chain(age).min()
             }
             WorkerPhase::Killed => None,
         });
@@ -280,7 +374,37 @@ impl State {
             Phase::Running => self.accept_probe.map(|p| p.at),
             _ => None,
         };
-        workers.chain(slots).chain(phase).chain(probe).min()
+        let recycling = [self.recycle_retry_at, self.memory_sample_at];
+        workers
+            .chain(slots)
+            .chain(phase)
+            .chain(probe)
+            .chain(recycling.into_iter().flatten())
+            .min()
+    }
+
+    /// Could a slot start recycling now (timing aside)? Running with the whole pool
+    /// established, no reload running or queued, no other recycle, no backoff pending.
+    pub fn may_recycle(&self) -> bool {
+        self.phase == Phase::Running
+            && self.reload.is_none()
+            && self.queued.is_none()
+            && self.recycle.is_none()
+            && self.recycle_retry_at.is_none()
+            && self.slots.iter().all(|s| s.respawn_at.is_none())
+            // The previous recycle's old worker (or any of the pool's) is not still draining.
+            && !self.workers.iter().any(|w| {
+                matches!(w.phase, WorkerPhase::Draining { .. } | WorkerPhase::Killed)
+                    && self
+                        .slots
+                        .get(w.slot as usize)
+                        .is_some_and(|s| s.generation == w.generation)
+            })
+            && (0..self.cfg.workers).all(|slot| {
+                let g = self.slots[slot as usize].generation;
+                self.live_in(g, slot)
+                    .is_some_and(|w| w.established && matches!(w.phase, WorkerPhase::Ready { .. }))
+            })
     }
 }
 
@@ -304,6 +428,8 @@ impl Slot {
             restarts: 0,
             failed_starts: 0,
             last_exit: None,
+            recycles: 0,
+            last_recycle: None,
         }
     }
 }

@@ -3,7 +3,11 @@
 takes its listening socket from LISTEN_FDS (checking LISTEN_PID), reports READY=1 to
 NOTIFY_SOCKET, answers HTTP/1.1 (keep-alive) with its WORKER_ID, pid and generation, and
 drains on SIGTERM: stops accepting, finishes in-flight requests, closes keep-alive
-connections. GET /argv answers its arguments as JSON (for exact-quoting tests)."""
+connections. GET /argv answers its arguments as JSON (for exact-quoting tests).
+
+PYWORKER_ALLOC_MB=N with PYWORKER_ALLOC_ONCE=PATH (for --max-worker-memory tests): the
+first worker to create PATH (exclusively) holds N MiB of touched memory; the others, and
+its replacement, do not."""
 import http.server
 import json
 import os
@@ -63,6 +67,19 @@ class Server(http.server.ThreadingHTTPServer):
     block_on_close = True
 
 
+def alloc_once():
+    mb = int(os.environ.get("PYWORKER_ALLOC_MB", "0"))
+    once = os.environ.get("PYWORKER_ALLOC_ONCE")
+    if mb <= 0 or not once:
+        return None
+    try:
+        os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return None
+    print(f"pyworker {os.environ.get('WORKER_ID')} pid {os.getpid()} holds {mb} MiB", flush=True)
+    return bytearray(b"x" * (mb << 20))  # written, so resident
+
+
 def main():
     if os.environ.get("LISTEN_PID") != str(os.getpid()) or int(os.environ.get("LISTEN_FDS", "0")) < 1:
         print("pyworker: no sockets passed (LISTEN_FDS/LISTEN_PID)", file=sys.stderr)
@@ -79,9 +96,11 @@ def main():
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    hog = alloc_once()
     print(f"pyworker {os.environ.get('WORKER_ID')} pid {os.getpid()} ready", flush=True)
     notify("READY=1\nSTATUS=python worker serving")
     server.serve_forever(poll_interval=0.2)
+    del hog
     # Stop accepting (do not shutdown() the shared socket), then wait for in-flight requests.
     server.server_close()
     print(f"pyworker {os.environ.get('WORKER_ID')} pid {os.getpid()} drained", flush=True)

@@ -17,6 +17,8 @@ struct Sim {
     max_generations: usize,
     /// What `ProbeAccepting` finds (`None`: the sockets cannot be seen).
     backlog: Option<Backlog>,
+    /// What `SampleMemory` finds, per pid (others: unreadable).
+    rss: std::collections::HashMap<Pid, u64>,
 }
 
 fn cfg(workers: u32) -> Config {
@@ -31,6 +33,8 @@ fn cfg(workers: u32) -> Config {
         exit_idle_after: None,
         lazy: false,
         min_uptime: Duration::ZERO,
+        max_worker_memory: None,
+        max_worker_age: None,
     }
 }
 
@@ -43,6 +47,7 @@ impl Sim {
             log: Vec::new(),
             max_generations: 2,
             backlog: None,
+            rss: std::collections::HashMap::new(),
         };
         s.ev(Event::Start);
         s
@@ -56,6 +61,15 @@ impl Sim {
             for a in handle(&mut self.st, e, self.now) {
                 if a == Action::ProbeAccepting {
                     queue.insert(0, Event::Backlog(self.backlog));
+                }
+                if a == Action::SampleMemory {
+                    let found = self
+                        .st
+                        .workers
+                        .iter()
+                        .filter_map(|w| self.rss.get(&w.pid).map(|r| (w.pid, *r)))
+                        .collect();
+                    queue.insert(0, Event::Memory(found));
                 }
                 if let Action::Spawn { slot, generation } = a {
                     self.next_pid += 1;
@@ -1615,5 +1629,313 @@ mod policy {
         });
         s.ready_gen(2);
         assert_eq!(s.st.next_deadline(), Some(s.now + ACCEPT_PROBE_FIRST));
+    }
+}
+
+/// Worker recycling by age and memory (issue 15): new before old, one slot at a time,
+/// never during a reload, a failed replacement leaves the old worker serving.
+mod recycle {
+    use super::*;
+    use crate::config::AgeLimit;
+    use crate::supervisor::state::{MEMORY_SAMPLE_EVERY, RecycleReason};
+
+    const SEC: Duration = Duration::from_secs(1);
+
+    fn aged(workers: u32, age: Duration) -> Config {
+        Config {
+            min_uptime: SEC,
+            max_worker_age: Some(AgeLimit {
+                base: age,
+                jitter: 0,
+            }),
+            ..cfg(workers)
+        }
+    }
+
+    /// Started, all ready and established, the accept probe out of the way.
+    fn serving(c: Config) -> Sim {
+        let mut s = Sim::new(c);
+        s.ready_gen(1);
+        s.advance(s.st.cfg.min_uptime);
+        assert_eq!(s.st.phase, Phase::Running);
+        s.blind();
+        s
+    }
+
+    fn live(s: &Sim, slot: u32) -> Vec<Pid> {
+        s.st.workers
+            .iter()
+            .filter(|w| w.slot == slot && !matches!(w.phase, WorkerPhase::Draining { .. }))
+            .map(|w| w.pid)
+            .collect()
+    }
+
+    fn ready_serving(s: &Sim) -> usize {
+        s.st.workers
+            .iter()
+            .filter(|w| matches!(w.phase, WorkerPhase::Ready { .. }))
+            .count()
+    }
+
+    fn logged(a: &[Action], needle: &str) -> bool {
+        a.iter()
+            .any(|a| matches!(a, Action::Log { message, .. } if message.contains(needle)))
+    }
+
+    /// Advances to the next armed deadline (at most `max`), asserting the pool stays full.
+    fn step(s: &mut Sim, max: Duration) -> Vec<Action> {
+        let t = s.st.next_deadline().expect("a deadline is armed");
+        assert!(t <= s.now + max, "next deadline too far");
+        s.now = t.max(s.now);
+        let a = s.ev(Event::Tick);
+        assert!(ready_serving(s) >= s.st.cfg.workers as usize);
+        a
+    }
+
+    #[test]
+    fn age_recycles_new_before_old_one_slot_at_a_time() {
+        let mut s = serving(aged(3, Duration::from_secs(60)));
+        let first = s.pids(1);
+        // Nothing until the age limit: the next deadline is exactly it.
+        let started = s.st.workers[0].started;
+        assert_eq!(
+            s.st.next_deadline(),
+            Some(started + Duration::from_secs(60))
+        );
+        let mut a = step(&mut s, Duration::from_secs(60));
+        for slot in 0..3u32 {
+            assert_eq!(spawns(&a), [(slot, 1)], "only slot {slot} is recycled");
+            assert!(
+                kills(&a).is_empty(),
+                "nothing stopped before the new one is up"
+            );
+            assert!(logged(&a, "past its --max-worker-age limit 1m0s"), "{a:?}");
+            let new = *live(&s, slot).last().unwrap();
+            assert_ne!(new, first[slot as usize]);
+            assert_eq!(s.st.workers.len(), 4, "one extra worker at most");
+            // Ready is not enough: --min-uptime first.
+            let r = s.ready(new);
+            assert!(kills(&r).is_empty());
+            let d = step(&mut s, SEC);
+            assert_eq!(
+                kills(&d),
+                [(first[slot as usize], Signal::SIGTERM, false)],
+                "the old worker drains once its replacement is established"
+            );
+            assert!(
+                spawns(&d).is_empty(),
+                "the next slot waits for the old one to exit"
+            );
+            assert_eq!(s.st.slots[slot as usize].recycles, 1);
+            assert!(matches!(
+                s.st.slots[slot as usize].last_recycle,
+                Some((_, RecycleReason::Age { .. }))
+            ));
+            // Its exit lets the next overdue slot start (same age, no jitter).
+            a = s.exit(first[slot as usize], 0);
+        }
+        assert!(spawns(&a).is_empty());
+        // The replacements are young: the next recycle is an age limit away.
+        let t = s.st.next_deadline().unwrap();
+        assert!(t >= s.now + Duration::from_secs(55), "{:?}", t - s.now);
+    }
+
+    #[test]
+    fn jitter_spreads_the_limits() {
+        let mut c = aged(8, Duration::from_secs(1000));
+        c.max_worker_age = Some(AgeLimit {
+            base: Duration::from_secs(1000),
+            jitter: 10,
+        });
+        let s = serving(c);
+        let mut limits: Vec<Duration> =
+            s.st.workers
+                .iter()
+                .map(|w| w.recycle_at.unwrap() - w.started)
+                .collect();
+        limits.sort();
+        limits.dedup();
+        assert_eq!(limits.len(), 8, "each worker its own limit: {limits:?}");
+        assert!(
+            limits.iter().all(|l| (900..=1100).contains(&l.as_secs())),
+            "{limits:?}"
+        );
+    }
+
+    #[test]
+    fn failed_replacement_keeps_the_old_worker_and_retries_with_backoff() {
+        let mut s = serving(aged(2, Duration::from_secs(30)));
+        let old = s.pids(1);
+        let a = step(&mut s, Duration::from_secs(30));
+        assert_eq!(spawns(&a), [(0, 1)]);
+        let new = *live(&s, 0).last().unwrap();
+        let a = s.exit(new, 1);
+        assert!(kills(&a).is_empty(), "the old worker is left alone");
+        assert!(spawns(&a).is_empty());
+        assert!(
+            logged(&a, "keeps serving; recycling again in 100ms"),
+            "{a:?}"
+        );
+        assert_eq!(s.st.slots[0].recycles, 0);
+        assert!(
+            s.st.worker(old[0])
+                .is_some_and(|w| matches!(w.phase, WorkerPhase::Ready { .. }))
+        );
+        // Retried after 100ms, then 200ms (the --restart-delay bounds).
+        let a = step(&mut s, Duration::from_millis(100));
+        assert_eq!(spawns(&a), [(0, 1)]);
+        let new = *live(&s, 0).last().unwrap();
+        let a = s.exit(new, 1);
+        assert!(logged(&a, "recycling again in 200ms"), "{a:?}");
+        // The third try comes up: only now does the old worker drain.
+        let a = step(&mut s, Duration::from_millis(200));
+        assert_eq!(spawns(&a), [(0, 1)]);
+        let new = *live(&s, 0).last().unwrap();
+        s.ready(new);
+        let a = step(&mut s, SEC);
+        assert_eq!(kills(&a), [(old[0], Signal::SIGTERM, false)]);
+        assert_eq!(s.st.recycle_delay, s.st.cfg.restart.min, "backoff reset");
+    }
+
+    #[test]
+    fn replacement_that_cannot_start_keeps_the_old_worker() {
+        let mut s = serving(aged(1, Duration::from_secs(30)));
+        let old = s.pids(1)[0];
+        s.now += Duration::from_secs(30);
+        // Handle the tick without the Sim's automatic spawn success.
+        let a = handle(&mut s.st, Event::Tick, s.now);
+        assert_eq!(spawns(&a), [(0, 1)]);
+        let a = handle(
+            &mut s.st,
+            Event::SpawnFailed {
+                slot: 0,
+                generation: 1,
+                error: "fork: EAGAIN".into(),
+                permanent: false,
+            },
+            s.now,
+        );
+        assert!(kills(&a).is_empty());
+        assert!(exit_code(&a).is_none());
+        assert!(logged(&a, "could not be started: fork: EAGAIN"), "{a:?}");
+        assert_eq!(s.st.recycle, None);
+        assert!(s.st.recycle_retry_at.is_some());
+        assert!(s.st.worker(old).is_some());
+    }
+
+    #[test]
+    fn old_worker_dying_during_the_recycle() {
+        let mut s = serving(aged(2, Duration::from_secs(30)));
+        let old = s.pids(1);
+        step(&mut s, Duration::from_secs(30));
+        let new = *live(&s, 0).last().unwrap();
+        // The old one crashes: the starting replacement covers the slot (no refill) ...
+        let a = s.exit(old[0], 1);
+        assert!(spawns(&a).is_empty(), "{a:?}");
+        // ... and if the replacement fails too, the slot is refilled at once.
+        let a = s.exit(new, 1);
+        assert_eq!(spawns(&a), [(0, 1)], "{a:?}");
+        assert_eq!(s.st.recycle, None);
+    }
+
+    #[test]
+    fn deferred_during_a_reload_and_cancelled_by_one() {
+        let mut s = serving(aged(2, Duration::from_secs(30)));
+        let old = s.pids(1);
+        // A reload runs when the age limit passes: no recycle.
+        s.now += Duration::from_secs(29);
+        s.ev(Event::Reload {
+            ticket: None,
+            wait: false,
+        });
+        let a = s.advance(Duration::from_secs(2));
+        assert!(spawns(&a).is_empty(), "no recycle during a reload: {a:?}");
+        assert_eq!(s.st.recycle, None);
+        // The reload fails (rolled back): the overdue recycle follows right after.
+        let g2 = s.pids(2);
+        let a = s.exit(g2[0], 1);
+        assert!(logged(&a, "rolled back"), "{a:?}");
+        assert_eq!(
+            spawns(&a),
+            [(0, 1)],
+            "recycling resumes after the reload: {a:?}"
+        );
+        s.exit(g2[1], 0);
+        let new = *live(&s, 0).last().unwrap();
+        // A reload asked for during the recycle cancels it: the replacement is stopped.
+        let a = s.ev(Event::Reload {
+            ticket: None,
+            wait: false,
+        });
+        assert!(kills(&a).contains(&(new, Signal::SIGTERM, false)), "{a:?}");
+        assert!(!kills(&a).iter().any(|k| old.contains(&k.0)), "{a:?}");
+        assert_eq!(spawns(&a), [(0, 3), (1, 3)]);
+        assert_eq!(s.st.recycle, None);
+        assert_eq!(s.st.slots[0].recycles, 0);
+    }
+
+    #[test]
+    fn memory_recycles_after_two_samples_above_the_limit() {
+        let c = Config {
+            max_worker_memory: Some(100 << 20),
+            ..cfg(2)
+        };
+        let mut s = serving(c);
+        let old = s.pids(1);
+        assert_eq!(s.st.memory_sample_at, Some(s.now + MEMORY_SAMPLE_EVERY));
+        s.rss.insert(old[0], 50 << 20);
+        s.rss.insert(old[1], 150 << 20);
+        let a = s.advance(MEMORY_SAMPLE_EVERY);
+        assert!(a.contains(&Action::SampleMemory));
+        assert!(spawns(&a).is_empty(), "one sample above is not enough");
+        // Dips below: counting starts over.
+        s.rss.insert(old[1], 90 << 20);
+        s.advance(MEMORY_SAMPLE_EVERY);
+        s.rss.insert(old[1], 150 << 20);
+        let a = s.advance(MEMORY_SAMPLE_EVERY);
+        assert!(spawns(&a).is_empty());
+        let a = s.advance(MEMORY_SAMPLE_EVERY);
+        assert_eq!(spawns(&a), [(1, 1)], "{a:?}");
+        assert!(
+            logged(&a, "resident memory 150.0M above --max-worker-memory 100M"),
+            "{a:?}"
+        );
+        // 20 s after its start: young, so the log says the limit may be too low.
+        assert!(
+            logged(
+                &a,
+                "if --max-worker-memory is below what a fresh worker needs"
+            ),
+            "{a:?}"
+        );
+        assert!(s.st.status_line().contains("recycling worker 1 (memory)"));
+        let new = *live(&s, 1).last().unwrap();
+        // (--min-uptime 0: established when ready)
+        let a = s.ready(new);
+        assert_eq!(kills(&a), [(old[1], Signal::SIGTERM, false)]);
+        assert!(matches!(
+            s.st.slots[1].last_recycle,
+            Some((_, RecycleReason::Memory { rss, limit })) if rss == 150 << 20 && limit == 100 << 20
+        ));
+    }
+
+    #[test]
+    fn nothing_armed_without_the_options() {
+        let mut s = serving(cfg(3));
+        assert!(s.st.workers.iter().all(|w| w.recycle_at.is_none()));
+        assert_eq!(s.st.memory_sample_at, None);
+        assert_eq!(s.st.next_deadline(), None, "no wake-ups at all when idle");
+        let a = s.advance(Duration::from_secs(3600));
+        assert!(!a.contains(&Action::SampleMemory));
+        // With them: an age deadline per worker, a memory sample every 5s.
+        let c = Config {
+            max_worker_memory: Some(1 << 30),
+            ..aged(3, Duration::from_secs(3600))
+        };
+        let s = serving(c);
+        assert!(s.st.workers.iter().all(|w| w.recycle_at.is_some()));
+        let first_sample = s.st.workers[0].started + MEMORY_SAMPLE_EVERY;
+        assert_eq!(s.st.memory_sample_at, Some(first_sample));
+        assert_eq!(s.st.next_deadline(), Some(first_sample));
     }
 }

@@ -1,0 +1,103 @@
+//! Resident memory of a worker and its descendants, for `--max-worker-memory`.
+//!
+//! Cheap enough to run every few seconds: `/proc/PID/statm` of the worker, and of each
+//! descendant found through `/proc/PID/task/TID/children` (no scan of all of `/proc`).
+
+use std::collections::HashSet;
+
+/// At most this many processes are counted per worker (a fork bomb must not make the
+/// sample slow).
+const MAX_PROCESSES: usize = 256;
+
+/// The resident memory in bytes of `pid` and its descendants; `None` when `pid` itself
+/// cannot be read (it is gone).
+pub fn tree_rss(pid: i32) -> Option<u64> {
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .and_then(|p| u64::try_from(p).ok())
+        .unwrap_or(4096);
+    let mut total = rss_pages(pid)? * page;
+    let mut seen = HashSet::from([pid]);
+    let mut todo = children(pid);
+    while let Some(p) = todo.pop() {
+        if seen.len() >= MAX_PROCESSES || !seen.insert(p) {
+            continue;
+        }
+        if let Some(pages) = rss_pages(p) {
+            total += pages * page;
+            todo.extend(children(p));
+        }
+    }
+    Some(total)
+}
+
+/// The second field of `/proc/PID/statm`: resident pages.
+fn rss_pages(pid: i32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    statm.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The children of every thread of `pid` (needs CONFIG_PROC_CHILDREN; none without).
+fn children(pid: i32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|text| {
+            text.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn counts_a_process_and_its_descendants() {
+        let mut sh = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & sleep 30 & wait"])
+            .spawn()
+            .unwrap();
+        let pid = i32::try_from(sh.id()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let kids = loop {
+            let kids = children(pid);
+            // Both children forked and exec'd `sleep` (statm readable, comm changed).
+            let execd = |k: &i32| {
+                std::fs::read_to_string(format!("/proc/{k}/comm")).is_ok_and(|c| c == "sleep\n")
+            };
+            if kids.len() == 2 && kids.iter().all(execd) {
+                break kids;
+            }
+            assert!(Instant::now() < deadline, "children of sh: {kids:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let page = u64::try_from(
+            nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+                .unwrap()
+                .unwrap(),
+        )
+        .unwrap();
+        let own = rss_pages(pid).unwrap();
+        let each: Vec<u64> = kids.iter().map(|k| rss_pages(*k).unwrap()).collect();
+        assert!(own > 0 && each.iter().all(|p| *p > 0));
+        assert_eq!(tree_rss(pid), Some((own + each.iter().sum::<u64>()) * page));
+        assert_eq!(tree_rss(kids[0]), Some(each[0] * page));
+        for k in kids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(k),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        sh.kill().unwrap();
+        sh.wait().unwrap();
+        assert_eq!(tree_rss(-5), None);
+    }
+}
