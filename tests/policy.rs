@@ -163,6 +163,12 @@ fn reload_whose_workers_die_right_after_ready_is_rolled_back() {
     for w in &old {
         assert!(alive(w["pid"].parse().unwrap()), "old worker kept: {w:?}");
     }
+    // The rolled-back generation's last worker may still be draining (and crashing
+    // 500 ms after its READY=1, as told): ask once it is gone.
+    wait_for("the rolled-back generation to be gone", SECS(30), || {
+        let (_, out, _) = sup.ctl(&["status", "--json"]);
+        (!out.contains("\"generation\":2,\"state\"")).then_some(())
+    });
     assert!(http_get(port, "/").unwrap().contains("generation=1"));
     let started = Instant::now();
     let (code, out, err) = sup.ctl(&["reload", "--wait"]);

@@ -157,3 +157,60 @@ pub fn output_with_deadline(
         stderr,
     })
 }
+
+/// A counting semaphore that bounds how many of the heaviest tests run at once, so that on
+/// a 2-core CI machine the tests running real servers under load do not starve each other
+/// into timing failures (timer readiness, broken-deploy detection). Waiting for a permit is
+/// not synchronisation on the system under test; it only spaces the tests out.
+pub struct Permits {
+    name: &'static str,
+    limit: usize,
+    taken: std::sync::Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+/// Held while a permit is taken; gives it back when dropped (also when the test panics).
+pub struct Permit<'a>(&'a Permits);
+
+impl Permits {
+    pub const fn new(name: &'static str, limit: usize) -> Permits {
+        Permits {
+            name,
+            limit,
+            taken: std::sync::Mutex::new(0),
+            freed: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Blocks until a permit is free (at most 20 minutes: a leaked permit is a bug).
+    pub fn take(&self) -> Permit<'_> {
+        let deadline = Instant::now() + Duration::from_secs(1200);
+        let mut taken = self.taken.lock().unwrap_or_else(|e| e.into_inner());
+        while *taken >= self.limit {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no {} permit within 20 minutes", self.name);
+            taken = self
+                .freed
+                .wait_timeout(taken, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        *taken += 1;
+        Permit(self)
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        let mut taken = self.0.taken.lock().unwrap_or_else(|e| e.into_inner());
+        *taken -= 1;
+        self.0.freed.notify_one();
+    }
+}
+
+/// Tests that boot a real server (gunicorn, Puma, Node, …) in a systemd instance and put it
+/// under load: at most 3 at once.
+pub static SERVER_TESTS: Permits = Permits::new("server test", 3);
+
+/// Load generators (`load::Load`): at most 2 at once.
+pub static LOAD_GENERATORS: Permits = Permits::new("load generator", 2);
