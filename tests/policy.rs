@@ -183,11 +183,7 @@ fn reload_whose_workers_die_right_after_ready_is_rolled_back() {
 fn gunicorn_deploy_that_fails_to_import_is_rolled_back() {
     let gunicorn = std::path::Path::new("/usr/bin/gunicorn");
     if !gunicorn.exists() {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "gunicorn is needed in CI: apt-get install gunicorn (scripts/test.sh does)"
-        );
-        eprintln!("skipped: /usr/bin/gunicorn is not installed");
+        crate::support::skip("/usr/bin/gunicorn is not installed (apt-get install gunicorn)");
         return;
     }
     let dir = TempDir::new("gunicorn-broken");
