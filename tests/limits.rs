@@ -2,6 +2,7 @@
 //! user, a flood of 100 000 notify datagrams, and a worker with its own process tree.
 //! Real binary, real workers (`examples/probe.rs`), real sockets and signals.
 
+use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt as _;
 use std::path::PathBuf;
@@ -126,7 +127,6 @@ fn another_users_status_is_refused_with_69() {
     // The other user needs to reach the binary and the socket's directory (not the socket).
     let bin = dir.join("clusterctl");
     std::fs::copy(clusterctl(), &bin).unwrap();
-    use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let sup = Run::new(&dir).workers_on_free_port(1).spawn();
     wait_pool(&sup, 1, 1, SECS(30));
