@@ -281,7 +281,7 @@ mod tests {
             Some("/usr/bin/clusterctl run -- /srv/worker")
         );
         assert_eq!(value(se, "WorkingDirectory").as_deref(), Some("/srv/app"));
-        assert_eq!(value(se, "LogRateLimitIntervalSec").as_deref(), Some("0"));
+        assert_eq!(value(se, "LogRateLimitIntervalSec").as_deref(), Some("1s"));
         assert_eq!(value(se, "Type").as_deref(), Some("notify"));
         assert!(
             se.contains("211s = 3 start attempts x --ready-timeout 1min\n# + 300ms backoff"),
@@ -355,8 +355,12 @@ mod tests {
     #[test]
     fn journald_rate_limit() {
         let off = render(BASIC).service.content;
-        assert_eq!(value(&off, "LogRateLimitIntervalSec").as_deref(), Some("0"));
-        assert_eq!(value(&off, "LogRateLimitBurst"), None);
+        // Not `0`: systemd treats a zero interval as unset and applies journald's default.
+        assert_eq!(
+            value(&off, "LogRateLimitIntervalSec").as_deref(),
+            Some("1s")
+        );
+        assert_eq!(value(&off, "LogRateLimitBurst").as_deref(), Some("1000000"));
         let on = render(&[
             "demo",
             "--listen",
