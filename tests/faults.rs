@@ -474,14 +474,7 @@ fn notify_abuse_is_ignored() {
         if Instant::now() > deadline {
             break;
         }
-        let msg: Vec<u8> = match i % 4 {
-            0 => b"READY=1\nMAINPID=1\nSTOPPING=1\nWATCHDOG=1".to_vec(),
-            1 => (0..200)
-                .map(|j| u8::try_from((i * 31 + j) % 256).unwrap())
-                .collect(),
-            2 => vec![b'x'; 150_000],
-            _ => b"STATUS=stranger".to_vec(),
-        };
+        let msg = crate::support::hostile_notify(i);
         // A full receive queue is fine (the flood is the point); anything else is not.
         if let Err(e) = s.send_to(&msg, &notify) {
             assert_eq!(e.raw_os_error(), Some(nix::libc::EAGAIN), "{e}");

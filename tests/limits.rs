@@ -22,24 +22,7 @@ fn rows(sup: &Supervisor) -> Vec<(i32, u32, String)> {
     if code != 0 {
         return Vec::new();
     }
-    let Some(workers) = json.split("\"workers\":[").nth(1) else {
-        return Vec::new();
-    };
-    workers
-        .split("{\"slot\":")
-        .skip(1)
-        .filter_map(|row| {
-            let field = |key: &str| {
-                let rest = row.split(&format!("\"{key}\":")).nth(1)?;
-                Some(rest.split([',', '}']).next()?.trim_matches('"').to_string())
-            };
-            Some((
-                field("pid")?.parse().ok()?,
-                field("generation")?.parse().ok()?,
-                field("state")?,
-            ))
-        })
-        .collect()
+    crate::support::status_rows(&json)
 }
 
 /// Waits until exactly `n` workers are listed and all are ready members of `generation`;
@@ -174,14 +157,7 @@ fn a_flood_of_100k_notify_datagrams_is_shrugged_off() {
             if Instant::now() > deadline {
                 break;
             }
-            let msg: Vec<u8> = match i % 5 {
-                0 => b"READY=1\nMAINPID=1\nSTOPPING=1\nWATCHDOG=1".to_vec(),
-                1 => (0..200)
-                    .map(|j| u8::try_from((i * 31 + j) % 256).unwrap())
-                    .collect(),
-                2 if i % 100 == 2 => vec![b'x'; 150_000],
-                _ => b"STATUS=stranger".to_vec(),
-            };
+            let msg = crate::support::hostile_notify(i);
             // A full queue means the supervisor is behind: wait until it has read some
             // (the socket turns writable) and send the same datagram again.
             loop {

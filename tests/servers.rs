@@ -625,32 +625,14 @@ fn wait_only_generation(sd: &Systemd, app: &str, generation: u32) {
         SECS(60),
         || {
             let json = status_json(sd, app);
-            let rows = worker_rows(&json);
+            let rows = crate::support::status_rows(&json);
             (!rows.is_empty()
                 && rows
                     .iter()
-                    .all(|(g, state)| *g == generation && state == "ready"))
+                    .all(|(_, g, state)| *g == generation && state == "ready"))
             .then_some(())
         },
     );
-}
-
-/// (generation, state) of each worker row in `status --json`.
-fn worker_rows(json: &str) -> Vec<(u32, String)> {
-    let Some(workers) = json.split("\"workers\":[").nth(1) else {
-        return Vec::new();
-    };
-    workers
-        .split("{\"slot\":")
-        .skip(1)
-        .filter_map(|row| {
-            let field = |key: &str| {
-                let rest = row.split(&format!("\"{key}\":")).nth(1)?;
-                Some(rest.split([',', '}']).next()?.trim_matches('"').to_string())
-            };
-            Some((field("generation")?.parse().ok()?, field("state")?))
-        })
-        .collect()
 }
 
 struct Memory {

@@ -235,3 +235,40 @@ pub fn skip(reason: &str) {
     assert!(!in_ci(), "this test must run in CI, but: {reason}");
     let _ = writeln!(io::stderr(), "SKIPPED: {reason}");
 }
+
+/// The `i`-th datagram of a hostile flood of a notify socket: fake readiness and MAINPID
+/// from a stranger, binary garbage, an oversized message (every 100th) and a stranger's
+/// STATUS= text (`stranger`, which must never show up in `status`).
+pub fn hostile_notify(i: u32) -> Vec<u8> {
+    match i % 5 {
+        0 => b"READY=1\nMAINPID=1\nSTOPPING=1\nWATCHDOG=1".to_vec(),
+        1 => (0..200u32)
+            .map(|j| u8::try_from((i.wrapping_mul(31) + j) % 256).unwrap_or(0))
+            .collect(),
+        2 if i % 100 == 2 => vec![b'x'; 150_000],
+        _ => b"STATUS=stranger".to_vec(),
+    }
+}
+
+/// One worker row of `status --json`: (pid, generation, state); the backing-off rows
+/// (no pid) are left out.
+pub fn status_rows(json: &str) -> Vec<(i32, u32, String)> {
+    let Some(workers) = json.split("\"workers\":[").nth(1) else {
+        return Vec::new();
+    };
+    workers
+        .split("{\"slot\":")
+        .skip(1)
+        .filter_map(|row| {
+            let field = |key: &str| {
+                let rest = row.split(&format!("\"{key}\":")).nth(1)?;
+                Some(rest.split([',', '}']).next()?.trim_matches('"').to_string())
+            };
+            Some((
+                field("pid")?.parse().ok()?,
+                field("generation")?.parse().ok()?,
+                field("state")?,
+            ))
+        })
+        .collect()
+}
