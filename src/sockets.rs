@@ -30,10 +30,6 @@ impl Listeners {
     pub fn len(&self) -> usize {
         self.names.len()
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.names.is_empty()
-    }
 }
 
 impl Drop for Listeners {

@@ -153,18 +153,22 @@ fn listen_errors_name_the_problem() {
 #[test]
 fn a_bare_port_warns_that_it_listens_everywhere() {
     let port = free_port().to_string();
-    // The worker does not exist: clusterctl binds, warns, then stops with 78.
+    // The worker fails at once: clusterctl binds, warns, gives up after 3 starts (exit 1).
     let o = run(&[
         "run",
         "--log",
         "stderr",
         "--listen",
         &port,
+        "--workers",
+        "1",
+        "--restart-delay",
+        "1ms",
         "--",
-        "/nonexistent/worker",
+        "/bin/false",
     ]);
     let err = stderr(&o);
-    assert_eq!(o.status.code(), Some(78), "{err}");
+    assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(
         err.contains(&format!("--listen {port} listens on every interface")),
         "{err}"
