@@ -194,6 +194,25 @@ fn listen_fds_naming_a_closed_fd_says_which() {
 }
 
 #[test]
+fn inherited_sockets_not_at_fd_3_are_refused() {
+    // listenfd would take LISTEN_FDS_FIRST_FD=5 at its word; the workers could not find
+    // the socket at fd 3, so clusterctl refuses and says what to do.
+    let script = format!(
+        "exec 5</dev/null; LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDS_FIRST_FD=5 exec {} run -- \
+         /bin/true",
+        clusterctl().display()
+    );
+    let o =
+        output_with_deadline(Command::new("/bin/sh").args(["-c", &script]), None, TIMEOUT).unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(78), "{err}");
+    assert!(
+        err.contains("socket 0 is fd 5, not 3") && err.contains("from fd 3 on"),
+        "{err}"
+    );
+}
+
+#[test]
 fn every_subcommand_has_a_man_page() {
     let dir = crate::support::cluster::TempDir::new("man");
     let out = dir.path().join("man1");
