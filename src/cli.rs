@@ -84,6 +84,14 @@ const SIGNAL_VALUES: &[(&str, &str)] = &[
     ("WINCH", "graceful stop for Apache-style servers"),
 ];
 
+const SYSTEMD_VERSION_VALUES: &[(&str, &str)] = &[
+    ("auto", "ask `systemctl --version` on this machine"),
+    ("239", "RHEL 8, the oldest supported"),
+    ("252", "Debian 12"),
+    ("255", "Ubuntu 24.04"),
+    ("257", "Debian 13"),
+];
+
 #[derive(Debug, Parser)]
 #[command(
     name = "clusterctl",
@@ -513,9 +521,11 @@ pub struct GenUnitsArgs {
     #[arg(long, value_enum, value_name = "LEVEL")]
     pub hardening: Option<Hardening>,
 
-    /// systemd version of the machine that will run the units (sandboxing settings newer
-    /// than it are left out), or `auto` to ask `systemctl --version` here
-    #[arg(long, value_name = "N|auto", default_value = "auto")]
+    /// systemd version (any from 239 on) of the machine that will run the units
+    /// (sandboxing settings newer than it are left out), or `auto` to ask
+    /// `systemctl --version` here
+    #[arg(long, value_name = "N|auto", default_value = "auto",
+          value_parser = Hinted::<VersionArg>::new(SYSTEMD_VERSION_VALUES))]
     pub systemd_version: VersionArg,
 
     /// journald rate limit of the unit, shared by clusterctl and its workers, as

@@ -1,6 +1,6 @@
 //! The rules of `Settings::new` (each: the accepted edge, the refused edge, an error that
-//! says what to do), the argv round trip over every clap argument of `run`, and that
-//! `gen-units` refuses exactly what `run` refuses.
+//! says what to do) and the argv round trip over every clap argument of `run`. That
+//! `gen-units` refuses exactly what `run` refuses is tested in `units/mod.rs`.
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -8,7 +8,7 @@ use std::path::Path;
 use clap::{CommandFactory, Parser};
 
 use super::*;
-use crate::cli::{Cli, Command, GenUnitsArgs};
+use crate::cli::{Cli, Command};
 
 fn run_args(argv: &[&str]) -> RunArgs {
     let full = ["clusterctl", "run"].iter().chain(argv).copied();
@@ -238,60 +238,4 @@ fn exec_start_options_are_rendered_by_settings() {
             "SIGQUIT"
         ]
     );
-}
-
-/// The units' `ExecStart=` is only ever `run` with these options: `gen-units` and `run`
-/// must refuse the same combinations, with the same words.
-#[test]
-fn gen_units_refuses_exactly_what_run_refuses() {
-    #[derive(Parser)]
-    struct Wrap {
-        #[command(flatten)]
-        args: GenUnitsArgs,
-    }
-    struct Here;
-    impl crate::units::Host for Here {
-        fn systemd_version(&self) -> Result<u32> {
-            Ok(252)
-        }
-        fn current_exe(&self) -> Result<PathBuf> {
-            Ok("/usr/bin/clusterctl".into())
-        }
-        fn resolve_program(&self, program: &Path) -> Result<PathBuf> {
-            Ok(program.into())
-        }
-        fn current_dir(&self) -> Result<PathBuf> {
-            Ok("/srv".into())
-        }
-        fn inspect_program(&self, _: &Path) -> Option<(PathBuf, Option<Vec<String>>)> {
-            None
-        }
-    }
-    let cases: &[&[&str]] = &[
-        &[],
-        &["--ready", "after:1min"],
-        &["--ready", "after:59s"],
-        &["--ready-timeout", "0"],
-        &["--restart-delay", "0"],
-        &["--worker-watchdog", "9ms"],
-        &["--worker-watchdog", "10ms"],
-        &["--listen", "80", "--listen", "[::]:80"],
-    ];
-    for case in cases {
-        let listen = if case.contains(&"--listen") {
-            vec![]
-        } else {
-            vec!["--listen", "80"]
-        };
-        let argv = [&["demo"][..], &listen, case, &["--", "/bin/sh"]].concat();
-        let g = Wrap::try_parse_from(std::iter::once("gen-units").chain(argv.iter().copied()))
-            .unwrap()
-            .args;
-        let by_gen_units = crate::units::UnitSpec::from_args(&g, &Here)
-            .map(|_| ())
-            .map_err(|e| e.to_string());
-        let run_argv = [&listen[..], case, &["--", "/bin/sh"]].concat();
-        let by_run = run(&run_argv).map(|_| ());
-        assert_eq!(by_gen_units, by_run, "{case:?}");
-    }
 }

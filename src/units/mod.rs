@@ -1079,4 +1079,47 @@ mod tests {
         }
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// The units' `ExecStart=` is only ever `run` with these options: `gen-units` and `run`
+    /// must refuse the same combinations, with the same words.
+    #[test]
+    fn gen_units_refuses_exactly_what_run_refuses() {
+        let cases: &[&[&str]] = &[
+            &[],
+            &["--ready", "after:1min"],
+            &["--ready", "after:59s"],
+            &["--ready-timeout", "0"],
+            &["--restart-delay", "0"],
+            &["--worker-watchdog", "9ms"],
+            &["--worker-watchdog", "10ms"],
+            &["--listen", "80", "--listen", "[::]:80"],
+        ];
+        for case in cases {
+            let listen = if case.contains(&"--listen") {
+                vec![]
+            } else {
+                vec!["--listen", "80"]
+            };
+            let argv = [&["demo"][..], &listen, case, &["--", "/bin/sh"]].concat();
+            let by_gen_units = UnitSpec::from_args(&args(&argv), &FakeHost)
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            let run_argv = [
+                &["clusterctl", "run"][..],
+                &listen,
+                case,
+                &["--", "/bin/sh"],
+            ]
+            .concat();
+            let crate::cli::Command::Run(parsed) =
+                crate::cli::Cli::try_parse_from(&run_argv).unwrap().command
+            else {
+                unreachable!()
+            };
+            let by_run = crate::settings::RunSettings::from_args_in(parsed, None, None)
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            assert_eq!(by_gen_units, by_run, "{case:?}");
+        }
+    }
 }
