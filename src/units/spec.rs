@@ -1,9 +1,12 @@
 //! The gen-units command line turned into a checked description of the two units
 //! (`UnitSpec`): names, sockets, identity, paths, the resolved worker command and systemd
-//! version. Every semantic check happens here, before anything is rendered or written;
-//! the text-level checks (what can be quoted into a unit file) happen in `render.rs`.
-//! What gen-units asks the machine (PATH lookup, `systemctl --version`, its own path) goes
-//! through the `Host` trait so tests can pin it.
+//! version. The supervisor's options are checked by `Settings::new`, the same function
+//! `clusterctl run` uses (so a unit never carries options `run` refuses); the checks that
+//! only units have (names, accounts, paths, environment) happen here, before anything is
+//! rendered or written; the text-level checks (what can be quoted into a unit file) happen
+//! in `render.rs`. What gen-units asks the machine (PATH lookup through
+//! `settings::path`, `systemctl --version`, its own path) goes through the `Host` trait
+//! so tests can pin it.
 
 use std::env;
 use std::ffi::{OsStr, OsString};
@@ -598,8 +601,10 @@ impl UnitSpec {
             .all(|l| matches!(l.address, Address::Tcp(_)))
     }
 
-    /// A canonical command line that renders these units again: defaults left out, the
-    /// version, clusterctl path and worker program resolved, output options left out.
+    /// A canonical command line that renders these units again (the header comment):
+    /// defaults left out, the version, clusterctl path and worker program resolved, output
+    /// options left out. The supervisor's options come from `Settings::to_args`, as in
+    /// `ExecStart=`; only gen-units' own options are rendered here.
     pub fn invocation(&self) -> Vec<String> {
         fn push(v: &mut Vec<String>, flag: &str, value: &str) {
             v.push(format!("--{flag}"));
