@@ -567,14 +567,6 @@ unsafe fn guardian_main(rd: RawFd, groups: &mut Vec<libc::pid_t>, buf: &mut [u8;
     }
 }
 
-/// `CLOCK_MONOTONIC` in microseconds, as systemd expects in `MONOTONIC_USEC=`.
-pub fn monotonic_usec() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .expect("CLOCK_MONOTONIC is always available");
-    u64::try_from(ts.tv_sec()).unwrap_or(0) * 1_000_000
-        + u64::try_from(ts.tv_nsec()).unwrap_or(0) / 1000
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,10 +24,10 @@ use nix::unistd::Pid;
 use self::event::{Action, Event, ExitKind};
 pub use self::handle::handle;
 use self::state::{Config, State};
-use crate::cli::RunArgs;
 use crate::control::{ControlSocket, Request};
 use crate::error::{Context, Error, Result};
 use crate::notify::{self, Complaints, NotifySocket, Upstream};
+use crate::settings::RunSettings;
 use crate::sockets::{self, Listeners};
 use crate::sys;
 
@@ -62,15 +62,9 @@ const SIGNALS: &[Signal] = &[
 const EXTEND_EVERY: Duration = Duration::from_secs(5);
 const EXTEND_BY: Duration = Duration::from_secs(15);
 
-/// Runs the supervisor until it is stopped; returns the exit code.
-pub fn run(args: RunArgs) -> Result<u8> {
-    // Cross-option rules and socket path lengths, shared with gen-units (config errors, 78).
-    args.opts.validate().map_err(Error::Config)?;
-    crate::config::check_socket_paths(
-        args.control.as_deref(),
-        crate::config::runtime_directory().as_deref(),
-    )
-    .map_err(Error::Config)?;
+/// Runs the supervisor until it is stopped; returns the exit code. `args` were checked by
+/// `RunSettings::from_args` (every rule between options, the program resolved).
+pub fn run(args: RunSettings) -> Result<u8> {
     // Sockets first: in bind mode they must land at fds 3.. before anything else opens fds.
     let (listeners, warnings) = sockets::acquire(&args.listen, args.reuse_port)?;
     let nofile = sys::raise_nofile();
@@ -93,7 +87,7 @@ pub fn run(args: RunArgs) -> Result<u8> {
             None
         }
     };
-    let program = resolve_command(&args.command[0])?;
+    let program = args.program.clone();
     let workers = args.opts.workers.resolve();
     let cfg = Config {
         workers,
@@ -109,12 +103,6 @@ pub fn run(args: RunArgs) -> Result<u8> {
         max_worker_memory: args.opts.max_worker_memory.map(|s| s.0),
         max_worker_age: args.opts.max_worker_age,
     };
-    if cfg
-        .worker_watchdog
-        .is_some_and(|d| d < Duration::from_millis(10))
-    {
-        return Err(Error::config("--worker-watchdog must be at least 10ms"));
-    }
     let pidfile = args.pidfile.as_deref().map(Pidfile::create).transpose()?;
     let control = match args.control.clone().or_else(ControlSocket::default_path) {
         Some(path) => Some(ControlSocket::bind(&path)?),
@@ -204,42 +192,6 @@ impl Drop for Pidfile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
-}
-
-/// Finds the worker program now, so that a typo is a clear configuration error at start.
-fn resolve_command(cmd: &OsString) -> Result<PathBuf> {
-    use std::os::unix::ffi::OsStrExt;
-    let check = |p: &Path| -> std::result::Result<(), String> {
-        let meta = std::fs::metadata(p).map_err(|e| e.to_string())?;
-        if meta.is_dir() {
-            return Err("is a directory".into());
-        }
-        // access(X_OK) succeeds for root whenever any execute bit is set, and for a file
-        // with none, execve fails even for root.
-        if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o111 == 0 {
-            return Err(std::io::Error::from_raw_os_error(nix::libc::EACCES).to_string());
-        }
-        nix::unistd::access(p, nix::unistd::AccessFlags::X_OK)
-            .map_err(|e| std::io::Error::from(e).to_string())
-    };
-    let shown = Path::new(cmd).display().to_string();
-    if cmd.as_bytes().contains(&b'/') {
-        let p = PathBuf::from(cmd);
-        check(&p)
-            .map_err(|e| Error::config(format!("cannot execute worker command {shown:?}: {e}")))?;
-        return Ok(p);
-    }
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
-    for dir in std::env::split_paths(&path) {
-        let p = dir.join(cmd);
-        if check(&p).is_ok() {
-            return Ok(p);
-        }
-    }
-    Err(Error::config(format!(
-        "worker command {shown:?} not found in PATH ({}): No such file or directory",
-        path.to_string_lossy()
-    )))
 }
 
 struct Executor {
@@ -345,7 +297,7 @@ impl Executor {
         if let Some(c) = &control {
             tracing::info!("control socket {}", c.path().display());
         }
-        let watchdog = watchdog_interval();
+        let watchdog = notify::watchdog_interval();
         let now = Instant::now();
         let n_listeners = listeners.len();
         let watched = (cfg.exit_idle_after.is_some() || cfg.lazy)
@@ -1065,17 +1017,6 @@ enum Outcome {
     Event(Event),
 }
 
-/// systemd's watchdog interval for us (`WATCHDOG_USEC`, when `WATCHDOG_PID` is unset or ours).
-fn watchdog_interval() -> Option<Duration> {
-    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
-    if let Ok(pid) = std::env::var("WATCHDOG_PID")
-        && pid.parse::<u32>().ok()? != std::process::id()
-    {
-        return None;
-    }
-    (usec > 0).then(|| Duration::from_micros(usec))
-}
-
 /// The parent pid from the contents of `/proc/PID/stat`.
 fn parse_ppid(stat: &str) -> Option<Pid> {
     // "pid (comm) state ppid pgrp ..."; comm may contain spaces and parentheses.
@@ -1095,24 +1036,5 @@ mod tests {
             Some(Pid::from_raw(77))
         );
         assert_eq!(parse_ppid("garbage"), None);
-    }
-
-    #[test]
-    fn command_resolution() {
-        assert!(resolve_command(&"sh".into()).unwrap().is_absolute());
-        let e = resolve_command(&"no-such-command-xyz".into()).unwrap_err();
-        assert!(e.to_string().contains("no-such-command-xyz"));
-        assert_eq!(e.exit_code(), crate::error::exit::CONFIG);
-        let dir = std::env::temp_dir().join(format!("clusterctl-resolve-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("not-executable");
-        std::fs::write(&file, "data").unwrap();
-        let e = resolve_command(&file.clone().into()).unwrap_err();
-        assert!(e.to_string().contains("Permission denied"), "{e}");
-        let e = resolve_command(&dir.clone().into()).unwrap_err();
-        assert!(e.to_string().contains("directory"), "{e}");
-        std::fs::remove_dir_all(&dir).unwrap();
-        let e = resolve_command(&"/nonexistent/x".into()).unwrap_err();
-        assert!(e.to_string().contains("No such file"), "{e}");
     }
 }

@@ -17,7 +17,8 @@ pub const STABLE_AFTER: Duration = Duration::from_secs(10);
 /// A slot that fails to start this many times in a row gives up: while the first
 /// generation is starting, at once (bad command, crash at boot); later, once every slot
 /// did so and no worker stayed up for `GIVE_UP_QUIET` (a crash loop after a good start).
-pub const START_ATTEMPTS: u32 = 3;
+/// Defined in `settings` because the units' start timeout is derived from it.
+pub use crate::settings::START_ATTEMPTS;
 
 /// After the first generation served: give up on a crash loop only when no worker stayed
 /// up (ready for `--min-uptime`) for this long, so that a storm of outside kills, where
