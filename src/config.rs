@@ -124,6 +124,23 @@ impl ListenSpec {
         self.name.as_deref().unwrap_or(default)
     }
 
+    /// The warning for a TCP address on every interface (`0.0.0.0`, `[::]`, a bare port),
+    /// shared by `run --listen` and `gen-units --listen`; `None` for a specific address.
+    pub fn every_interface_warning(&self) -> Option<String> {
+        let Address::Tcp(a) = &self.address else {
+            return None;
+        };
+        a.ip().is_unspecified().then(|| {
+            format!(
+                "--listen {} listens on every interface{}: reachable from other machines; \
+                 use --listen 127.0.0.1:{} for this machine only",
+                self.raw,
+                if a.is_ipv6() { " (IPv4 and IPv6)" } else { "" },
+                a.port()
+            )
+        })
+    }
+
     /// The `ListenStream=` value for a socket unit.
     pub fn listen_stream(&self) -> String {
         match &self.address {

@@ -143,19 +143,7 @@ pub fn acquire(specs: &[ListenSpec], reuse_port: bool) -> Result<(Listeners, Vec
         ));
     }
     crate::config::check_listen_unique(specs).map_err(Error::Config)?;
-    for spec in specs {
-        if let Address::Tcp(a) = &spec.address
-            && a.ip().is_unspecified()
-        {
-            warnings.push(format!(
-                "--listen {} listens on every interface{}: reachable from other machines; \
-                 use --listen 127.0.0.1:{} for this machine only",
-                spec.raw,
-                if a.is_ipv6() { " (IPv4 and IPv6)" } else { "" },
-                a.port()
-            ));
-        }
-    }
+    warnings.extend(specs.iter().filter_map(ListenSpec::every_interface_warning));
     let mut fds = Vec::with_capacity(specs.len());
     let mut listeners = Listeners::default();
     for (i, spec) in specs.iter().enumerate() {

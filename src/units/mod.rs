@@ -374,7 +374,7 @@ mod tests {
         let w = warn(&[
             "demo",
             "--listen",
-            "80",
+            "127.0.0.1:80",
             "--clusterctl",
             "/tmp/c/target/release/clusterctl",
             "--",
@@ -391,7 +391,7 @@ mod tests {
         let w = warn(&[
             "demo",
             "--listen",
-            "80",
+            "127.0.0.1:80",
             "--clusterctl",
             "/opt/c/target/debug/clusterctl",
             "--",
@@ -401,12 +401,12 @@ mod tests {
             w.len() == 1 && w[0].contains("cargo build directory"),
             "{w:?}"
         );
-        let w = warn(&["demo", "--listen", "80", "--", "/root/app/server"]);
+        let w = warn(&["demo", "--listen", "127.0.0.1:80", "--", "/root/app/server"]);
         assert!(w.len() == 1 && w[0].contains("DynamicUser="), "{w:?}");
         let w = warn(&[
             "demo",
             "--listen",
-            "80",
+            "127.0.0.1:80",
             "--working-directory",
             "/var/tmp/app",
             "--",
@@ -417,7 +417,7 @@ mod tests {
         let w = warn(&[
             "demo",
             "--listen",
-            "80",
+            "127.0.0.1:80",
             "--user-units",
             "--working-directory",
             "/home/me",
@@ -426,7 +426,32 @@ mod tests {
         ]);
         assert!(w.is_empty(), "{w:?}");
         // Nothing to say about installed programs.
-        assert!(warn(BASIC).is_empty());
+        assert!(warn(&["demo", "--listen", "127.0.0.1:8080", "--", "/srv/worker"]).is_empty());
+    }
+
+    #[test]
+    fn a_bare_port_or_any_address_warns_that_it_listens_everywhere() {
+        let warnings = |listen: &str| {
+            UnitSpec::from_args(&args(&["demo", "--listen", listen, "--", "/x"]), &FakeHost)
+                .unwrap()
+                .warnings
+        };
+        for listen in ["8080", "0.0.0.0:8080", "[::]:8080", "web=8080"] {
+            let w = warnings(listen);
+            assert!(
+                w.iter().any(|w| w.contains("listens on every interface")
+                    && w.contains("--listen 127.0.0.1:8080")),
+                "{listen}: {w:?}"
+            );
+        }
+        for listen in ["127.0.0.1:8080", "[::1]:8080", "unix:/run/demo.sock"] {
+            assert!(
+                !warnings(listen)
+                    .iter()
+                    .any(|w| w.contains("every interface")),
+                "{listen}"
+            );
+        }
     }
 
     #[test]

@@ -447,6 +447,11 @@ impl UnitSpec {
         };
         let opts = Settings::new(&args.opts, &args.listen, sockets).map_err(Error::Config)?;
         let fd_name = socket_name(&args.listen)?;
+        warnings.extend(
+            args.listen
+                .iter()
+                .filter_map(ListenSpec::every_interface_warning),
+        );
 
         if let Some(w) = args.watchdog
             && w.0.is_zero()
