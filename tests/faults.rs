@@ -539,8 +539,10 @@ fn control_abuse_does_not_stall_the_supervisor() {
         let started = Instant::now();
         let (code, out, err) = sup.ctl(&["status"]);
         assert_eq!(code, 0, "{out}{err}");
+        // Generous for a loaded 2-core machine; a stall on the held clients would last
+        // until they are closed (never, here).
         assert!(
-            started.elapsed() < SECS(3),
+            started.elapsed() < SECS(15),
             "status took {:?}",
             started.elapsed()
         );
@@ -701,18 +703,21 @@ fn reload_soak_under_load_is_clean() {
         .spawn_raw();
     wait_for("first answer", SECS(20), || http_get(port, "/").ok());
     let pid = sup.pid();
-    // Warm up (first reload allocates the buffers that stay).
-    let (code, out, err) = sup.ctl(&["reload", "--wait"]);
-    assert_eq!(code, 0, "{out}{err}");
-    let (fds0, threads0, rss0) = (fd_count(pid), threads(pid), rss_kib(pid));
     let load = Load::start(port, 2, 1, SECS(120), 1_000_000);
     let deadline = Instant::now() + SECS(100);
     let mut done = 0;
+    let mut baseline = None;
     while done < 100 && Instant::now() < deadline {
         let (code, out, err) = sup.ctl(&["reload", "--wait"]);
         assert_eq!(code, 0, "reload {done}: {out}{err}\n{}", sup.log());
         done += 1;
+        // Warmed up under load (the buffers and histories that stay are allocated): a
+        // leak grows from here on.
+        if done == 10 {
+            baseline = Some((fd_count(pid), threads(pid), rss_kib(pid)));
+        }
     }
+    let (fds0, threads0, rss0) = baseline.expect("at least 10 reloads");
     let summary = load.finish();
     eprintln!(
         "measured: {done} reloads in {:?}; requests ok {} failed {}; fds {fds0}->{}, \

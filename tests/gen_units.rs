@@ -1007,7 +1007,7 @@ fn programs_the_sandbox_cannot_see_are_warned_about() {
     let out = gen_units([
         "demo",
         "--listen",
-        "8080",
+        "127.0.0.1:8080",
         "--systemd-version",
         "252",
         "--working-directory",
@@ -1149,7 +1149,7 @@ fn prints_both_units_without_output_dir() {
     let out = gen_units([
         "demo",
         "--listen",
-        "8080",
+        "127.0.0.1:8080",
         "--user-units",
         "--systemd-version",
         "257",
