@@ -272,3 +272,10 @@ pub fn status_rows(json: &str) -> Vec<(i32, u32, String)> {
         })
         .collect()
 }
+
+/// The first number after `"key":` in a JSON text (`status --json`), if any.
+pub fn json_number(json: &str, key: &str) -> Option<u64> {
+    let rest = json.split(&format!("\"{key}\":")).nth(1)?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
