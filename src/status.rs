@@ -153,7 +153,7 @@ pub fn report(
                     WorkerPhase::Starting { .. } => "starting",
                     WorkerPhase::Ready { .. } => "ready",
                     WorkerPhase::Draining { .. } => "draining",
-                    WorkerPhase::Killed => "killed",
+                    WorkerPhase::Killed { .. } => "killed",
                 },
                 uptime: Some(now.saturating_duration_since(w.started)),
                 restarts: if current {
@@ -220,8 +220,8 @@ pub fn report(
             Phase::Stopping { .. } => "stopping",
         },
         status: state.status_line(),
-        generation: state.generation,
-        workers_wanted: state.cfg.workers,
+        generation: state.serving_generation,
+        workers_wanted: state.desired(),
         log_lines_dropped: crate::log::DROPPED.load(std::sync::atomic::Ordering::Relaxed),
         sockets,
         last_reload: state

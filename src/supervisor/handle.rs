@@ -15,23 +15,12 @@ use super::event::{Action, Backlog, Event, ExitKind, Ticket, WorkerTag, human};
 use super::state::{
     ACCEPT_PROBE_FIRST, ACCEPT_PROBE_FOR, ACCEPT_PROBE_MAX, AcceptProbe, GIVE_UP_QUIET,
     MEMORY_SAMPLE_EVERY, MEMORY_SAMPLES, NO_READY_HINT_AFTER, Phase, Queued, Recycle,
-    RecycleReason, Reload, ReloadKind, STABLE_AFTER, START_ATTEMPTS, State, Worker, WorkerPhase,
+    RecycleReason, Reload, ReloadKind, STABLE_AFTER, START_ATTEMPTS, State, StopReason, Worker,
+    WorkerPhase,
 };
 use crate::config::{MAX_WORKERS, ReadyMode};
 use crate::error::exit;
 use crate::notify::{NotifyMsg, Upstream};
-
-/// Why a worker was asked to stop: decides how its exit is treated.
-const REPLACED: &str = "replaced by a newer generation";
-const SHUTDOWN: &str = "supervisor stopping";
-const READY_TIMEOUT: &str = "not ready in time";
-const ROLLED_BACK: &str = "its generation was rolled back";
-const UNWANTED: &str = "not wanted any more";
-const WATCHDOG: &str = "missed its watchdog";
-const SCALED_DOWN: &str = "scaled down";
-const IDLE: &str = "idle";
-const RECYCLED: &str = "recycled";
-const RECYCLE_CANCELLED: &str = "its recycle was cancelled";
 
 /// Applies one event at time `now` and returns what to do, in order.
 pub fn handle(state: &mut State, event: Event, now: Instant) -> Vec<Action> {
@@ -40,12 +29,12 @@ pub fn handle(state: &mut State, event: Event, now: Instant) -> Vec<Action> {
         Event::Start if state.cfg.lazy => {
             state.phase = Phase::Idle;
             // The first connection starts generation 1.
-            state.last_generation = 0;
+            state.newest_generation = 0;
             let msg = "holding the sockets; workers start on the first connection";
             log(&mut out, Level::INFO, None, msg.into());
         }
         Event::Start => {
-            for slot in 0..state.cfg.workers {
+            for slot in 0..state.desired() {
                 out.push(Action::Spawn {
                     slot,
                     generation: 1,
@@ -123,9 +112,10 @@ fn log(out: &mut Vec<Action>, level: Level, worker: Option<WorkerTag>, message: 
     });
 }
 
-/// Is a worker of `generation` in `slot` still wanted right now?
-fn wanted(state: &State, slot: u32, generation: u32) -> bool {
-    if matches!(state.phase, Phase::Stopping { .. }) || slot >= state.cfg.workers {
+/// Should a worker of `generation` be started in `slot` now? Not stopping, the slot exists
+/// and runs (or is being moved to) `generation`, and has no live worker of it yet.
+fn needs_worker(state: &State, slot: u32, generation: u32) -> bool {
+    if matches!(state.phase, Phase::Stopping { .. }) || slot >= state.desired() {
         return false;
     }
     let reloading = state
@@ -152,16 +142,21 @@ fn spawned(
         }
         _ => false,
     };
-    let wanted = replacement || wanted(state, slot, generation);
+    let wanted = replacement || needs_worker(state, slot, generation);
     let phase = if !wanted {
         out.push(Action::Kill {
             pid,
             signal: Signal::SIGKILL,
             group: true,
         });
-        WorkerPhase::Killed
+        WorkerPhase::Killed {
+            reason: StopReason::Unwanted,
+        }
     } else if state.cfg.ready == ReadyMode::Exec {
-        WorkerPhase::Ready { since: now }
+        WorkerPhase::Ready {
+            since: now,
+            last_ping: now,
+        }
     } else {
         WorkerPhase::Starting {
             deadline: now + state.cfg.ready_timeout,
@@ -178,10 +173,7 @@ fn spawned(
         started: now,
         phase,
         status: None,
-        was_ready: matches!(phase, WorkerPhase::Ready { .. }),
         established: false,
-        stop_reason: (!wanted).then_some(UNWANTED),
-        last_ping: matches!(phase, WorkerPhase::Ready { .. }).then_some(now),
         recycle_at: state.cfg.max_worker_age.map(|a| {
             now + a.pick(unit_interval(
                 state.seed,
@@ -198,7 +190,8 @@ fn spawned(
         Some(w.tag()),
         format!("worker {slot} started (pid {pid}, generation {generation})"),
     );
-    if w.was_ready {
+    let ready = w.phase.is_ready();
+    if ready {
         log(
             out,
             Level::INFO,
@@ -206,7 +199,6 @@ fn spawned(
             format!("worker {slot} ready (--ready exec)"),
         );
     }
-    let ready = w.was_ready;
     state.workers.push(w);
     if ready && state.cfg.min_uptime.is_zero() {
         establish(state, pid, now);
@@ -241,15 +233,10 @@ fn spawn_failed(
         recycle_failed(state, &format!("could not be started: {error}"), now, out);
         return;
     }
-    if !wanted(state, slot, generation) {
+    if !needs_worker(state, slot, generation) {
         return;
     }
-    if state
-        .reload
-        .as_ref()
-        .is_some_and(|r| r.generation == generation)
-        && state.slots[slot as usize].generation != generation
-    {
+    if state.in_rollout(slot, generation) {
         rollback(
             state,
             &format!("cannot start worker {slot}: {error}"),
@@ -411,9 +398,8 @@ fn exited(state: &mut State, pid: Pid, how: ExitKind, now: Instant, out: &mut Ve
     if slot_gen == Some(w.generation) {
         state.slots[w.slot as usize].last_exit = Some(how);
     }
-    let expected = matches!(w.phase, WorkerPhase::Draining { .. } | WorkerPhase::Killed);
-    let failed = matches!(w.stop_reason, Some(READY_TIMEOUT | WATCHDOG));
-    if expected && !failed {
+    let reason = w.phase.stop_reason();
+    if let Some(reason) = reason.filter(|r| !r.is_failure()) {
         log(
             out,
             Level::INFO,
@@ -422,22 +408,25 @@ fn exited(state: &mut State, pid: Pid, how: ExitKind, now: Instant, out: &mut Ve
                 "worker {} exited ({how}) after {}: {}",
                 w.slot,
                 human(uptime),
-                w.stop_reason.unwrap_or("stopped")
+                reason
             ),
         );
         return;
     }
-    let why = if w.stop_reason == Some(READY_TIMEOUT) {
+    let timed_out = reason == Some(StopReason::ReadyTimeout);
+    // Only a ready worker can miss its watchdog.
+    let was_ready = w.phase.is_ready() || reason == Some(StopReason::Watchdog);
+    let why = if timed_out {
         format!(
             "was not ready within {}{}",
             human(state.cfg.ready_timeout),
             ready_hint(state)
         )
-    } else if w.stop_reason == Some(WATCHDOG) {
+    } else if reason == Some(StopReason::Watchdog) {
         format!("ended ({how}) after missing its watchdog")
     } else if w.established {
         format!("exited unexpectedly ({how}) after {}", human(uptime))
-    } else if let (true, WorkerPhase::Ready { since }) = (w.was_ready, w.phase) {
+    } else if let WorkerPhase::Ready { since, .. } = w.phase {
         format!(
             "exited ({how}) {} after it was ready, within --min-uptime {}",
             human(now.saturating_duration_since(since)),
@@ -450,7 +439,7 @@ fn exited(state: &mut State, pid: Pid, how: ExitKind, now: Instant, out: &mut Ve
         recycle_failed(state, &why, now, out);
         return;
     }
-    if w.stop_reason != Some(READY_TIMEOUT) {
+    if !timed_out {
         log(
             out,
             Level::WARN,
@@ -461,10 +450,9 @@ fn exited(state: &mut State, pid: Pid, how: ExitKind, now: Instant, out: &mut Ve
     if matches!(state.phase, Phase::Stopping { .. } | Phase::Idle) {
         return;
     }
-    let reload_gen = state.reload.as_ref().map(|r| r.generation);
-    if reload_gen == Some(w.generation) && slot_gen != Some(w.generation) {
+    if state.in_rollout(w.slot, w.generation) {
         // A worker of the generation being rolled out, not yet accepted for its slot.
-        if w.stop_reason != Some(READY_TIMEOUT) {
+        if !timed_out {
             rollback(
                 state,
                 &format!("worker {} of generation {} {why}", w.slot, w.generation),
@@ -482,7 +470,7 @@ fn exited(state: &mut State, pid: Pid, how: ExitKind, now: Instant, out: &mut Ve
         schedule_respawn(state, w.slot, Refill::Now, now, out);
     } else {
         // With --ready exec, "ready" says nothing: only established counts.
-        let refill = if w.was_ready && state.cfg.ready != ReadyMode::Exec {
+        let refill = if was_ready && state.cfg.ready != ReadyMode::Exec {
             Refill::Soon
         } else {
             Refill::Backoff { uptime }
@@ -498,8 +486,10 @@ fn notified(state: &mut State, pid: Pid, msg: &NotifyMsg, now: Instant, out: &mu
     if let Some(s) = &msg.status {
         w.status = Some(s.clone());
     }
-    if msg.watchdog {
-        w.last_ping = Some(now);
+    if let WorkerPhase::Ready { last_ping, .. } = &mut w.phase
+        && msg.watchdog
+    {
+        *last_ping = now;
     }
     if msg.ready && matches!(w.phase, WorkerPhase::Starting { .. }) {
         mark_ready(state, pid, now, out);
@@ -521,8 +511,8 @@ fn watchdog_miss(state: &mut State, pid: Pid, why: &str, now: Instant, out: &mut
     }
     w.phase = WorkerPhase::Draining {
         kill_at: now + timeout,
+        reason: StopReason::Watchdog,
     };
-    w.stop_reason = Some(WATCHDOG);
     let msg = format!(
         "worker {} missed its watchdog ({why}): sending SIGABRT",
         w.slot
@@ -542,9 +532,9 @@ fn traffic(state: &mut State, busy: bool, now: Instant, out: &mut Vec<Action>) {
     }
     state.last_busy = Some(now);
     if state.phase == Phase::Idle {
-        let generation = state.last_generation + 1;
-        state.last_generation = generation;
-        state.generation = generation;
+        let generation = state.newest_generation + 1;
+        state.newest_generation = generation;
+        state.serving_generation = generation;
         log(
             out,
             Level::INFO,
@@ -552,7 +542,7 @@ fn traffic(state: &mut State, busy: bool, now: Instant, out: &mut Vec<Action>) {
             format!("connection waiting: starting generation {generation}"),
         );
         state.phase = Phase::Starting;
-        for slot in 0..state.cfg.workers {
+        for slot in 0..state.desired() {
             let s = &mut state.slots[slot as usize];
             s.generation = generation;
             s.failed_starts = 0;
@@ -592,7 +582,7 @@ fn idle_timeout(state: &mut State, now: Instant, out: &mut Vec<Action>) {
         }
         let pids: Vec<Pid> = state.workers.iter().map(|w| w.pid).collect();
         for pid in pids {
-            drain(state, pid, IDLE, now, out);
+            drain(state, pid, StopReason::Idle, now, out);
         }
     } else {
         log(
@@ -613,7 +603,7 @@ fn scale(
     now: Instant,
     out: &mut Vec<Action>,
 ) -> Result<String, String> {
-    let old = state.cfg.workers;
+    let old = state.desired();
     if workers == 0 || workers > MAX_WORKERS {
         return Err(format!(
             "cannot scale to {workers} workers: the range is 1..={MAX_WORKERS}"
@@ -638,16 +628,15 @@ fn scale(
         format!("scaling from {old} to {workers} workers"),
     );
     cancel_recycle(state, "the pool is scaled", now, out);
-    state.cfg.workers = workers;
     if workers > old {
         for slot in old..workers {
             let mut s = super::state::Slot::new(&state.cfg);
-            s.generation = state.generation;
+            s.generation = state.serving_generation;
             state.slots.push(s);
             if state.phase != Phase::Idle {
                 out.push(Action::Spawn {
                     slot,
-                    generation: state.generation,
+                    generation: state.serving_generation,
                 });
             }
         }
@@ -660,7 +649,7 @@ fn scale(
             .map(|w| w.pid)
             .collect();
         for pid in pids {
-            drain(state, pid, SCALED_DOWN, now, out);
+            drain(state, pid, StopReason::ScaledDown, now, out);
         }
     }
     Ok(format!("scaling from {old} to {workers} workers"))
@@ -670,9 +659,10 @@ fn mark_ready(state: &mut State, pid: Pid, now: Instant, out: &mut Vec<Action>) 
     let Some(w) = state.worker_mut(pid) else {
         return;
     };
-    w.phase = WorkerPhase::Ready { since: now };
-    w.was_ready = true;
-    w.last_ping = Some(now);
+    w.phase = WorkerPhase::Ready {
+        since: now,
+        last_ping: now,
+    };
     let took = now.saturating_duration_since(w.started);
     let slot = w.slot;
     let t = Some(w.tag());
@@ -716,7 +706,7 @@ fn establish(state: &mut State, pid: Pid, now: Instant) {
 /// Arms the check that the generation now serving accepts connections.
 fn arm_accept_probe(state: &mut State, now: Instant) {
     state.accept_probe = Some(AcceptProbe {
-        generation: state.generation,
+        generation: state.serving_generation,
         at: now + ACCEPT_PROBE_FIRST,
         prev: None,
         interval: ACCEPT_PROBE_FIRST * 2,
@@ -767,18 +757,15 @@ fn backlog(state: &mut State, found: Option<Backlog>, now: Instant, out: &mut Ve
 }
 
 /// Asks a worker to drain: the stop signal now, SIGKILL to its group after stop-timeout.
-fn drain(state: &mut State, pid: Pid, reason: &'static str, now: Instant, out: &mut Vec<Action>) {
+fn drain(state: &mut State, pid: Pid, reason: StopReason, now: Instant, out: &mut Vec<Action>) {
     let (signal, timeout) = (state.cfg.stop_signal, state.cfg.stop_timeout);
     if let Some(w) = state.worker_mut(pid)
-        && matches!(
-            w.phase,
-            WorkerPhase::Starting { .. } | WorkerPhase::Ready { .. }
-        )
+        && w.phase.is_live()
     {
         w.phase = WorkerPhase::Draining {
             kill_at: now + timeout,
+            reason,
         };
-        w.stop_reason = Some(reason);
         out.push(Action::Kill {
             pid,
             signal,
@@ -787,14 +774,15 @@ fn drain(state: &mut State, pid: Pid, reason: &'static str, now: Instant, out: &
     }
 }
 
-fn kill_now(state: &mut State, pid: Pid, reason: &'static str, out: &mut Vec<Action>) {
+/// SIGKILLs a worker's process group. A worker already draining keeps the reason it was
+/// stopped for.
+fn kill_now(state: &mut State, pid: Pid, reason: StopReason, out: &mut Vec<Action>) {
     if let Some(w) = state.worker_mut(pid)
-        && w.phase != WorkerPhase::Killed
+        && !matches!(w.phase, WorkerPhase::Killed { .. })
     {
-        w.phase = WorkerPhase::Killed;
-        if w.stop_reason.is_none() || reason == READY_TIMEOUT {
-            w.stop_reason = Some(reason);
-        }
+        w.phase = WorkerPhase::Killed {
+            reason: w.phase.stop_reason().unwrap_or(reason),
+        };
         out.push(Action::Kill {
             pid,
             signal: Signal::SIGKILL,
@@ -807,7 +795,7 @@ fn kill_now(state: &mut State, pid: Pid, reason: &'static str, out: &mut Vec<Act
 fn kill_all(state: &mut State, code: u8, out: &mut Vec<Action>) {
     let pids: Vec<Pid> = state.workers.iter().map(|w| w.pid).collect();
     for pid in pids {
-        kill_now(state, pid, SHUTDOWN, out);
+        kill_now(state, pid, StopReason::Shutdown, out);
     }
     state.phase = Phase::Stopping {
         force_at: None,
@@ -850,7 +838,7 @@ fn stop(state: &mut State, code: u8, now: Instant, out: &mut Vec<Action>) {
     }
     let pids: Vec<Pid> = state.workers.iter().map(|w| w.pid).collect();
     for pid in pids {
-        drain(state, pid, SHUTDOWN, now, out);
+        drain(state, pid, StopReason::Shutdown, now, out);
     }
     let mut tickets: Vec<Ticket> = state.reload.take().map(|r| r.tickets).unwrap_or_default();
     tickets.extend(state.queued.take().map(|q| q.tickets).unwrap_or_default());
@@ -898,7 +886,7 @@ fn request_reload(
         if wait {
             out.push(Action::ReloadFinished {
                 tickets: ticket.into_iter().collect(),
-                result: Ok(state.generation),
+                result: Ok(state.serving_generation),
             });
         } else {
             answer(
@@ -940,20 +928,15 @@ fn start_queued_reload(state: &mut State, now: Instant, out: &mut Vec<Action>) {
     if state.phase != Phase::Running || state.reload.is_some() || state.queued.is_none() {
         return;
     }
-    let draining = state.workers.iter().any(|w| {
-        state
-            .slots
-            .get(w.slot as usize)
-            .is_none_or(|s| s.generation != w.generation)
-    });
+    let draining = state.workers.iter().any(|w| !state.is_current(w));
     if draining {
         return;
     }
     // The reload replaces every worker anyway.
     cancel_recycle(state, "a reload starts", now, out);
     let q = state.queued.take().unwrap_or_default();
-    let generation = state.last_generation + 1;
-    state.last_generation = generation;
+    let generation = state.newest_generation + 1;
+    state.newest_generation = generation;
     let kind = if q.rolling {
         ReloadKind::Rolling { slot: 0 }
     } else {
@@ -978,7 +961,7 @@ fn start_queued_reload(state: &mut State, now: Instant, out: &mut Vec<Action>) {
     });
     match kind {
         ReloadKind::Surge => {
-            for slot in 0..state.cfg.workers {
+            for slot in 0..state.desired() {
                 out.push(Action::Spawn { slot, generation });
             }
         }
@@ -999,17 +982,11 @@ fn rollback(state: &mut State, reason: &str, now: Instant, out: &mut Vec<Action>
     let pids: Vec<Pid> = state
         .workers
         .iter()
-        .filter(|w| {
-            w.generation == r.generation
-                && state
-                    .slots
-                    .get(w.slot as usize)
-                    .is_none_or(|s| s.generation != r.generation)
-        })
+        .filter(|w| w.generation == r.generation && !state.is_current(w))
         .map(|w| w.pid)
         .collect();
     for pid in pids {
-        drain(state, pid, ROLLED_BACK, now, out);
+        drain(state, pid, StopReason::RolledBack, now, out);
     }
     state.last_reload = Some((now, Err(msg.clone())));
     out.push(Action::ReloadFinished {
@@ -1023,7 +1000,7 @@ fn finish_reload(state: &mut State, now: Instant, out: &mut Vec<Action>) {
     let Some(r) = state.reload.take() else {
         return;
     };
-    state.generation = r.generation;
+    state.serving_generation = r.generation;
     let took = now.saturating_duration_since(r.started);
     log(
         out,
@@ -1052,7 +1029,7 @@ fn tick(state: &mut State, now: Instant, out: &mut Vec<Action>) {
     let mut established = Vec::new();
     let mut silent = None;
     for w in &state.workers {
-        if let WorkerPhase::Ready { since } = w.phase
+        if let WorkerPhase::Ready { since, .. } = w.phase
             && !w.established
             && since + state.cfg.min_uptime <= now
         {
@@ -1060,14 +1037,14 @@ fn tick(state: &mut State, now: Instant, out: &mut Vec<Action>) {
         }
         if let WorkerPhase::Starting { .. } = w.phase
             && state.cfg.ready == ReadyMode::Notify
-            && w.generation > state.hinted
+            && w.generation > state.hinted_generation
             && w.started + NO_READY_HINT_AFTER <= now
             && silent.is_none()
         {
             silent = Some(w.clone());
         }
-        if let (WorkerPhase::Ready { .. }, Some(wd), Some(p)) =
-            (w.phase, state.cfg.worker_watchdog, w.last_ping)
+        if let (WorkerPhase::Ready { last_ping: p, .. }, Some(wd)) =
+            (w.phase, state.cfg.worker_watchdog)
             && p + wd <= now
         {
             missed.push((w.pid, now.saturating_duration_since(p)));
@@ -1077,7 +1054,7 @@ fn tick(state: &mut State, now: Instant, out: &mut Vec<Action>) {
                 ready_at: Some(r), ..
             } if r <= now => became_ready.push(w.pid),
             WorkerPhase::Starting { deadline, .. } if deadline <= now => timed_out.push(w.pid),
-            WorkerPhase::Draining { kill_at } if kill_at <= now => overdue.push(w.pid),
+            WorkerPhase::Draining { kill_at, .. } if kill_at <= now => overdue.push(w.pid),
             _ => {}
         }
     }
@@ -1085,7 +1062,7 @@ fn tick(state: &mut State, now: Instant, out: &mut Vec<Action>) {
         establish(state, pid, now);
     }
     if let Some(w) = silent {
-        state.hinted = w.generation;
+        state.hinted_generation = w.generation;
         let msg = format!(
             "worker {} has not sent READY=1 {} after it started; waiting up to --ready-timeout \
              {}{}",
@@ -1127,7 +1104,7 @@ fn tick(state: &mut State, now: Instant, out: &mut Vec<Action>) {
                 ),
             );
         }
-        kill_now(state, pid, SHUTDOWN, out);
+        kill_now(state, pid, StopReason::Shutdown, out);
     }
     for pid in timed_out {
         let Some(w) = state.worker(pid) else { continue };
@@ -1138,13 +1115,8 @@ fn tick(state: &mut State, now: Instant, out: &mut Vec<Action>) {
             ready_hint(state)
         );
         log(out, Level::WARN, Some(w.tag()), msg);
-        kill_now(state, pid, READY_TIMEOUT, out);
-        if state
-            .reload
-            .as_ref()
-            .is_some_and(|r| r.generation == generation)
-            && state.slots[slot as usize].generation != generation
-        {
+        kill_now(state, pid, StopReason::ReadyTimeout, out);
+        if state.in_rollout(slot, generation) {
             let why = format!(
                 "worker {slot} was not ready within {}",
                 human(state.cfg.ready_timeout)
@@ -1179,7 +1151,7 @@ fn tick(state: &mut State, now: Instant, out: &mut Vec<Action>) {
         kill_all(state, code, out);
     }
     if matches!(state.phase, Phase::Starting | Phase::Running) {
-        for slot in 0..state.cfg.workers {
+        for slot in 0..state.desired() {
             let s = &mut state.slots[slot as usize];
             if s.respawn_at.is_some_and(|t| t <= now) {
                 s.respawn_at = None;
@@ -1195,7 +1167,7 @@ fn tick(state: &mut State, now: Instant, out: &mut Vec<Action>) {
 /// Consequences that follow from the new state, whatever the event: readiness of the
 /// first generation, progress of a reload, the STATUS line, and exiting.
 fn settle(state: &mut State, now: Instant, out: &mut Vec<Action>) {
-    let n = state.cfg.workers;
+    let n = state.desired();
     if state.phase == Phase::Idle && !state.announced {
         state.announced = true;
         out.push(Action::Notify(vec![Upstream::Ready]));
@@ -1237,7 +1209,7 @@ fn settle(state: &mut State, now: Instant, out: &mut Vec<Action>) {
                     s.delay = min;
                 }
                 for pid in old {
-                    drain(state, pid, REPLACED, now, out);
+                    drain(state, pid, StopReason::Replaced, now, out);
                 }
                 finish_reload(state, now, out);
             }
@@ -1256,7 +1228,7 @@ fn settle(state: &mut State, now: Instant, out: &mut Vec<Action>) {
                     .collect();
                 let old_alive = !old.is_empty();
                 for pid in old {
-                    drain(state, pid, REPLACED, now, out);
+                    drain(state, pid, StopReason::Replaced, now, out);
                 }
                 if !old_alive {
                     if slot + 1 >= n {
@@ -1381,7 +1353,7 @@ fn recycling(state: &mut State, now: Instant, out: &mut Vec<Action>) {
                 human(took)
             ),
         );
-        drain(state, r.old, RECYCLED, now, out);
+        drain(state, r.old, StopReason::Recycled, now, out);
     }
     if !state.may_recycle() {
         return;
@@ -1391,12 +1363,7 @@ fn recycling(state: &mut State, now: Instant, out: &mut Vec<Action>) {
         .workers
         .iter()
         .filter(|w| {
-            matches!(w.phase, WorkerPhase::Ready { .. })
-                && w.established
-                && state
-                    .slots
-                    .get(w.slot as usize)
-                    .is_some_and(|s| s.generation == w.generation)
+            matches!(w.phase, WorkerPhase::Ready { .. }) && w.established && state.is_current(w)
         })
         .filter_map(|w| {
             if let (Some(limit), Some(rss)) = (limit, w.rss)
@@ -1509,79 +1476,7 @@ fn cancel_recycle(state: &mut State, why: &str, now: Instant, out: &mut Vec<Acti
         format!("recycle of worker {} cancelled: {why}", r.slot),
     );
     if let Some(new) = r.new {
-        drain(state, new, RECYCLE_CANCELLED, now, out);
-    }
-}
-
-impl State {
-    /// Established workers (ready, and up for `--min-uptime` since) of their slot's
-    /// current generation.
-    pub fn established_count_current(&self) -> usize {
-        self.workers
-            .iter()
-            .filter(|w| {
-                w.established
-                    && matches!(w.phase, WorkerPhase::Ready { .. })
-                    && self
-                        .slots
-                        .get(w.slot as usize)
-                        .is_some_and(|s| s.generation == w.generation)
-            })
-            .count()
-    }
-
-    /// Ready workers that belong to their slot's current generation.
-    pub fn ready_count_current(&self) -> usize {
-        self.workers
-            .iter()
-            .filter(|w| {
-                matches!(w.phase, WorkerPhase::Ready { .. })
-                    && self
-                        .slots
-                        .get(w.slot as usize)
-                        .is_some_and(|s| s.generation == w.generation)
-            })
-            .count()
-    }
-
-    /// The one-line STATUS= text for systemd.
-    pub fn status_line(&self) -> String {
-        let n = self.cfg.workers;
-        let ready = self.ready_count_current();
-        match (&self.phase, &self.reload) {
-            (Phase::Stopping { .. }, _) => {
-                format!("stopping: {} worker(s) left", self.workers.len())
-            }
-            (Phase::Idle, _) => "idle: no workers, waiting for a connection".to_string(),
-            (Phase::Starting, _) if ready == 0 && self.hinted >= self.generation => format!(
-                "starting: 0/{n} workers ready (no READY=1 yet: see --ready after:DUR, --ready exec)"
-            ),
-            (Phase::Starting, _) if ready == n as usize && n > 0 => format!(
-                "starting: {n}/{n} workers ready, waiting --min-uptime {}",
-                human(self.cfg.min_uptime)
-            ),
-            (Phase::Starting, _) => format!("starting: {ready}/{n} workers ready"),
-            (Phase::Running, Some(r)) => format!(
-                "reloading to generation {}: {}/{n} new workers ready; {ready}/{n} serving",
-                r.generation,
-                self.ready_count(r.generation)
-            ),
-            (Phase::Running, None) => {
-                let ready = ready.min(n as usize);
-                let mut s = format!("{ready}/{n} workers ready, generation {}", self.generation);
-                if let Some(r) = &self.recycle {
-                    let _ = std::fmt::Write::write_fmt(
-                        &mut s,
-                        format_args!("; recycling worker {} ({})", r.slot, r.reason.kind()),
-                    );
-                }
-                if let Some((_, Err(e))) = &self.last_reload {
-                    s.push_str("; last ");
-                    s.push_str(e);
-                }
-                s
-            }
-        }
+        drain(state, new, StopReason::RecycleCancelled, now, out);
     }
 }
 

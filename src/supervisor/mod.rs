@@ -537,7 +537,7 @@ impl Executor {
                 // A rolling restart readies and drains one slot after the other.
                 let steps = match r.kind {
                     state::ReloadKind::Surge => 1,
-                    state::ReloadKind::Rolling { .. } => self.state.cfg.workers,
+                    state::ReloadKind::Rolling { .. } => self.state.desired(),
                 };
                 let cfg = &self.state.cfg;
                 let per_step = cfg.ready_timeout + cfg.min_uptime + cfg.stop_timeout;
@@ -741,7 +741,7 @@ impl Executor {
                     }
                 }
                 Signal::SIGTTIN | Signal::SIGTTOU => {
-                    let n = self.state.cfg.workers;
+                    let n = self.state.desired();
                     let workers = if sig == Signal::SIGTTIN {
                         n + 1
                     } else {
@@ -987,7 +987,7 @@ impl Executor {
         env.push(("CLUSTER_GENERATION".into(), generation.to_string().into()));
         env.push((
             "CLUSTER_WORKERS".into(),
-            self.state.cfg.workers.to_string().into(),
+            self.state.desired().to_string().into(),
         ));
         let pid_keys: &[&str] = if self.state.cfg.worker_watchdog.is_some() {
             &["LISTEN_PID", "WATCHDOG_PID"]

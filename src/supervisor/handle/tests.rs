@@ -523,7 +523,7 @@ fn failed_new_generation_is_rolled_back() {
     // The rolled-back worker exiting is not refilled; the old generation still serves.
     let a = s.exit(new[0], 0);
     assert!(spawns(&a).is_empty());
-    assert_eq!(s.st.generation, 1);
+    assert_eq!(s.st.serving_generation, 1);
     // A later reload gets a fresh generation number.
     let a = s.ev(Event::Reload {
         ticket: None,
@@ -648,7 +648,7 @@ fn rolling_restart_replaces_one_slot_at_a_time() {
             assert!(has_upstream(&a, &Upstream::Ready));
         }
     }
-    assert_eq!(s.st.generation, 2);
+    assert_eq!(s.st.serving_generation, 2);
 }
 
 #[test]
@@ -1214,7 +1214,7 @@ mod policy {
                 let alive: Vec<Pid> =
                     s.st.workers
                         .iter()
-                        .filter(|w| !matches!(w.phase, WorkerPhase::Killed))
+                        .filter(|w| !matches!(w.phase, WorkerPhase::Killed { .. }))
                         .map(|w| w.pid)
                         .collect();
                 if !alive.is_empty() {
@@ -1300,7 +1300,7 @@ mod policy {
                 .st
                 .workers
                 .iter()
-                .filter(|w| matches!(w.phase, WorkerPhase::Ready { since } if since + 300 * MS <= s.now))
+                .filter(|w| matches!(w.phase, WorkerPhase::Ready { since, .. } if since + 300 * MS <= s.now))
                 .map(|w| w.pid)
                 .collect();
             for p in doomed {
@@ -1402,7 +1402,7 @@ mod policy {
             !kills(&a).iter().any(|k| old.contains(&k.0)),
             "old ones kept"
         );
-        assert_eq!(s.st.generation, 1);
+        assert_eq!(s.st.serving_generation, 1);
         // A good generation is accepted once every new worker stayed up min-uptime.
         for p in s.pids(2) {
             s.exit(p, 0);
@@ -1467,7 +1467,7 @@ mod policy {
             wait: false,
         });
         s.ready_gen(2);
-        assert_eq!(s.st.generation, 2);
+        assert_eq!(s.st.serving_generation, 2);
         assert_eq!(s.st.slots[1].delay, 100 * MS);
         let p = s.pids(2)[1];
         s.exit(p, 1);
@@ -1543,7 +1543,7 @@ mod policy {
                 .contains("reload is in progress"),
             "{r:?}"
         );
-        assert_eq!(s.st.cfg.workers, 3);
+        assert_eq!(s.st.desired(), 3);
         let a = s.ev(Event::Scale {
             workers: 0,
             ticket: Some(4),
@@ -1688,7 +1688,7 @@ mod recycle {
         assert!(t <= s.now + max, "next deadline too far");
         s.now = t.max(s.now);
         let a = s.ev(Event::Tick);
-        assert!(ready_serving(s) >= s.st.cfg.workers as usize);
+        assert!(ready_serving(s) >= s.st.desired() as usize);
         a
     }
 
