@@ -13,10 +13,10 @@ use tracing::Level;
 
 use super::event::{Action, Backlog, Event, ExitKind, Ticket, WorkerTag, human};
 use super::state::{
-    ACCEPT_PROBE_FIRST, ACCEPT_PROBE_FOR, ACCEPT_PROBE_MAX, AcceptProbe, GIVE_UP_QUIET,
-    MEMORY_SAMPLE_EVERY, MEMORY_SAMPLES, NO_READY_HINT_AFTER, Phase, Queued, Recycle,
-    RecycleReason, Reload, ReloadKind, STABLE_AFTER, START_ATTEMPTS, State, StopReason, Worker,
-    WorkerPhase,
+    ACCEPT_PROBE_FIRST, ACCEPT_PROBE_FOR, ACCEPT_PROBE_MAX, AcceptProbe, EXTEND_BY, EXTEND_EVERY,
+    GIVE_UP_QUIET, MEMORY_SAMPLE_EVERY, MEMORY_SAMPLES, NO_READY_HINT_AFTER, Phase, Queued,
+    Recycle, RecycleReason, Reload, ReloadKind, STABLE_AFTER, START_ATTEMPTS, State, StopReason,
+    Worker, WorkerPhase,
 };
 use crate::config::{MAX_WORKERS, ReadyMode};
 use crate::error::exit;
@@ -30,10 +30,12 @@ pub fn handle(state: &mut State, event: Event, now: Instant) -> Vec<Action> {
             state.phase = Phase::Idle;
             // The first connection starts generation 1.
             state.newest_generation = 0;
+            arm_watchdog(state, now);
             let msg = "holding the sockets; workers start on the first connection";
             log(&mut out, Level::INFO, None, msg.into());
         }
         Event::Start => {
+            arm_watchdog(state, now);
             for slot in 0..state.desired() {
                 out.push(Action::Spawn {
                     slot,
@@ -56,7 +58,10 @@ pub fn handle(state: &mut State, event: Event, now: Instant) -> Vec<Action> {
         Event::Exited { pid, how } => exited(state, pid, how, now, &mut out),
         Event::Notify { pid, msg } => notified(state, pid, &msg, now, &mut out),
         Event::Stop => stop(state, exit::OK, now, &mut out),
-        Event::Reload { ticket, wait } => request_reload(state, false, ticket, wait, &mut out),
+        Event::Reload { ticket, wait } => {
+            let rolling = state.cfg.rolling;
+            request_reload(state, rolling, ticket, wait, &mut out);
+        }
         Event::RollingRestart { ticket, wait } => {
             request_reload(state, true, ticket, wait, &mut out);
         }
@@ -68,6 +73,15 @@ pub fn handle(state: &mut State, event: Event, now: Instant) -> Vec<Action> {
                 (None, Ok(_)) => {}
             }
         }
+        Event::ScaleStep { up } => {
+            let n = state.desired();
+            let workers = if up { n + 1 } else { n.saturating_sub(1) };
+            let result = scale(state, workers, now, &mut out);
+            if let Err(e) = result {
+                log(&mut out, Level::WARN, None, format!("not scaling: {e}"));
+            }
+        }
+        Event::Status { ticket, json } => out.push(Action::Report { ticket, json }),
         Event::Backlog(b) => backlog(state, b, now, &mut out),
         Event::Memory(samples) => memory(state, &samples),
         Event::Tick => tick(state, now, &mut out),
@@ -527,6 +541,13 @@ fn watchdog_miss(state: &mut State, pid: Pid, why: &str, now: Instant, out: &mut
 
 /// A traffic sample: remember activity; a lazy supervisor starts its workers.
 fn traffic(state: &mut State, busy: bool, now: Instant, out: &mut Vec<Action>) {
+    // The next sample counts from this one's end (a slow sample must not make it due at
+    // once); `sampling` disarms it where it does not apply.
+    if let Some(every) = state.cfg.traffic_sample_every()
+        && state.traffic_sample_at.is_some()
+    {
+        state.traffic_sample_at = Some(now + every);
+    }
     if !busy {
         return;
     }
@@ -958,6 +979,8 @@ fn start_queued_reload(state: &mut State, now: Instant, out: &mut Vec<Action>) {
         kind,
         started: now,
         tickets: q.tickets,
+        // Right away (the next tick), then every EXTEND_EVERY.
+        extend_at: Some(now),
     });
     match kind {
         ReloadKind::Surge => {
@@ -1135,6 +1158,7 @@ fn tick(state: &mut State, now: Instant, out: &mut Vec<Action>) {
     if state.recycle_retry_at.is_some_and(|t| t <= now) {
         state.recycle_retry_at = None;
     }
+    housekeeping(state, now, out);
     if let Some(t) = state.memory_sample_at
         && t <= now
     {
@@ -1161,6 +1185,42 @@ fn tick(state: &mut State, now: Instant, out: &mut Vec<Action>) {
                 });
             }
         }
+    }
+}
+
+/// systemd's watchdog for the supervisor: pinged from the start, every half interval.
+fn arm_watchdog(state: &mut State, now: Instant) {
+    state.watchdog_ping_at = state.cfg.systemd_watchdog.map(|_| now);
+}
+
+/// The periodic work fired by a tick: systemd's watchdog, its reload timeout, traffic
+/// samples.
+fn housekeeping(state: &mut State, now: Instant, out: &mut Vec<Action>) {
+    if let (Some(interval), Some(at)) = (state.cfg.systemd_watchdog, state.watchdog_ping_at)
+        && at <= now
+    {
+        out.push(Action::Notify(vec![Upstream::Watchdog]));
+        state.watchdog_ping_at = Some(now + interval / 2);
+    }
+    let workers = state.desired();
+    if let Some(r) = &mut state.reload
+        && let Some(at) = r.extend_at
+        && at <= now
+    {
+        let limit = r.started + r.budget(&state.cfg, workers);
+        r.extend_at = if now < limit {
+            out.push(Action::Notify(vec![Upstream::ExtendTimeout(EXTEND_BY)]));
+            Some(now + EXTEND_EVERY)
+        } else {
+            None
+        };
+    }
+    if let Some(t) = state.traffic_sample_at
+        && t <= now
+    {
+        // Not again before the sample (`Event::Traffic`) re-arms it.
+        state.traffic_sample_at = Some(now + Duration::from_secs(3600));
+        out.push(Action::SampleTraffic);
     }
 }
 
@@ -1320,6 +1380,15 @@ fn unit_interval(seed: u64, id: u64, pid: Pid) -> f64 {
 /// before old: arms the memory samples; drains the old worker once its replacement is
 /// established; starts the replacement for the next worker due.
 fn recycling(state: &mut State, now: Instant, out: &mut Vec<Action>) {
+    let sampling = matches!(state.phase, Phase::Starting | Phase::Running);
+    match state.cfg.traffic_sample_every() {
+        Some(every) if sampling => {
+            if state.traffic_sample_at.is_none() {
+                state.traffic_sample_at = Some(now + every);
+            }
+        }
+        _ => state.traffic_sample_at = None,
+    }
     let sampling = state.cfg.max_worker_memory.is_some()
         && matches!(state.phase, Phase::Starting | Phase::Running);
     if !sampling {

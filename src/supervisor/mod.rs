@@ -27,7 +27,7 @@ use self::state::{Config, State};
 use crate::cli::RunArgs;
 use crate::control::{ControlSocket, Request};
 use crate::error::{Context, Error, Result};
-use crate::notify::{self, Complaints, NotifySocket, Upstream};
+use crate::notify::{self, Complaints, NotifySocket};
 use crate::sockets::{self, Listeners};
 use crate::sys;
 
@@ -55,12 +55,6 @@ const SIGNALS: &[Signal] = &[
     Signal::SIGTTIN,
     Signal::SIGTTOU,
 ];
-
-/// While a reload runs, systemd's reload timeout is pushed out by this much, this often,
-/// for as long as the reload is still within `--ready-timeout` and `--min-uptime` (plus a
-/// draining old generation's `--stop-timeout`, for a coalesced reload).
-const EXTEND_EVERY: Duration = Duration::from_secs(5);
-const EXTEND_BY: Duration = Duration::from_secs(15);
 
 /// Runs the supervisor until it is stopped; returns the exit code.
 pub fn run(args: RunArgs) -> Result<u8> {
@@ -108,6 +102,8 @@ pub fn run(args: RunArgs) -> Result<u8> {
         min_uptime: args.opts.min_uptime.0,
         max_worker_memory: args.opts.max_worker_memory.map(|s| s.0),
         max_worker_age: args.opts.max_worker_age,
+        rolling: args.opts.reload_strategy == crate::cli::ReloadStrategy::Rolling,
+        systemd_watchdog: watchdog_interval(),
     };
     if cfg
         .worker_watchdog
@@ -127,8 +123,7 @@ pub fn run(args: RunArgs) -> Result<u8> {
             }
         },
     };
-    let rolling = args.opts.reload_strategy == crate::cli::ReloadStrategy::Rolling;
-    let mut sup = Executor::new(cfg, listeners, program, args.command, control, rolling)?;
+    let mut sup = Executor::new(cfg, listeners, program, args.command, control)?;
     sup.guardian = guardian;
     let code = sup.run();
     drop(pidfile);
@@ -269,12 +264,6 @@ struct Executor {
     /// Clients waiting for a reload's outcome (`reload --wait`), by ticket.
     waiting: Vec<(event::Ticket, std::os::unix::net::UnixStream)>,
     next_ticket: event::Ticket,
-    /// `--reload-strategy rolling`: SIGHUP and `reload` replace one slot at a time.
-    rolling: bool,
-    /// systemd's watchdog (WatchdogSec=): ping every half interval.
-    watchdog: Option<Duration>,
-    next_ping: Option<Instant>,
-    next_extend: Option<Instant>,
     started: Instant,
     /// With the journal as stderr: workers get their own streams, identified `NAME/SLOT`.
     journal_identifier: Option<String>,
@@ -287,8 +276,6 @@ struct Executor {
     /// A SIGCHLD was read: reap (and feed each exit to the state machine) before any
     /// other event of the batch.
     child_exited: bool,
-    sample_every: Duration,
-    next_sample: Option<Instant>,
 }
 
 impl Executor {
@@ -298,7 +285,6 @@ impl Executor {
         program: PathBuf,
         argv: Vec<OsString>,
         control: Option<ControlSocket>,
-        rolling: bool,
     ) -> Result<Executor> {
         let mut mask = SigSet::empty();
         for s in SIGNALS {
@@ -345,15 +331,10 @@ impl Executor {
         if let Some(c) = &control {
             tracing::info!("control socket {}", c.path().display());
         }
-        let watchdog = watchdog_interval();
         let now = Instant::now();
         let n_listeners = listeners.len();
         let watched = (cfg.exit_idle_after.is_some() || cfg.lazy)
             .then(|| crate::idle::Watched::from_listeners(listeners.len()));
-        // A tenth of the idle timeout, within 200 ms .. 5 s.
-        let sample_every = cfg.exit_idle_after.map_or(Duration::from_secs(5), |d| {
-            (d / 10).clamp(Duration::from_millis(200), Duration::from_secs(5))
-        });
         let journal_identifier =
             crate::log::stderr_is_journal().then(|| crate::journal::base_identifier(&program));
         if let Some(id) = &journal_identifier {
@@ -385,18 +366,12 @@ impl Executor {
             guardian: None,
             waiting: Vec::new(),
             next_ticket: 1,
-            rolling,
-            watchdog,
-            next_ping: watchdog.map(|_| now),
-            next_extend: None,
             started: now,
             journal_identifier,
             watched,
             accept_watch: crate::idle::Watched::from_listeners(n_listeners),
             unaccepted: std::collections::HashSet::new(),
             child_exited: false,
-            sample_every,
-            next_sample: None,
         })
     }
 
@@ -423,13 +398,9 @@ impl Executor {
     /// Sleeps until something happens or the next deadline; returns the events.
     fn wait(&mut self) -> Result<Vec<Event>> {
         let mut events = Vec::new();
-        self.housekeeping(&mut events);
         let idle = self.state.phase == state::Phase::Idle && self.watched.is_some();
         let deadline = [
             self.state.next_deadline(),
-            self.next_ping,
-            self.next_extend,
-            self.next_sample,
             self.clients.iter().map(|c| c.deadline).min(),
             self.outgoing.iter().map(|c| c.deadline).min(),
             self.accept_paused,
@@ -438,9 +409,6 @@ impl Executor {
         .flatten()
         .min();
         let timeout = match deadline {
-            // Housekeeping produced events: still look at the other inputs (never starve
-            // signals and notifications), but do not sleep.
-            _ if !events.is_empty() => PollTimeout::ZERO,
             None => PollTimeout::NONE,
             Some(t) => {
                 let d = t.saturating_duration_since(Instant::now());
@@ -503,55 +471,6 @@ impl Executor {
         }
         events.push(Event::Tick);
         Ok(events)
-    }
-
-    /// Pings systemd's watchdog, extends its reload timeout and samples the sockets' traffic
-    /// when due.
-    fn housekeeping(&mut self, events: &mut Vec<Event>) {
-        let now = Instant::now();
-        let sampling = self.state.cfg.exit_idle_after.is_some()
-            && matches!(
-                self.state.phase,
-                state::Phase::Starting | state::Phase::Running
-            );
-        if !sampling {
-            self.next_sample = None;
-        } else if self.next_sample.is_none_or(|t| t <= now) {
-            if let Some(w) = &mut self.watched {
-                events.push(Event::Traffic {
-                    busy: w.sample().busy(),
-                });
-            }
-            // From the end of the sample: a slow sample (a host with many sockets) must not
-            // make the next one due at once.
-            self.next_sample = Some(Instant::now() + self.sample_every);
-        }
-        if let (Some(interval), Some(at)) = (self.watchdog, self.next_ping)
-            && at <= now
-        {
-            self.execute(Action::Notify(vec![Upstream::Watchdog]));
-            self.next_ping = Some(now + interval / 2);
-        }
-        match &self.state.reload {
-            Some(r) => {
-                // A rolling restart readies and drains one slot after the other.
-                let steps = match r.kind {
-                    state::ReloadKind::Surge => 1,
-                    state::ReloadKind::Rolling { .. } => self.state.desired(),
-                };
-                let cfg = &self.state.cfg;
-                let per_step = cfg.ready_timeout + cfg.min_uptime + cfg.stop_timeout;
-                let limit = r.started + per_step * steps;
-                let due = self.next_extend.is_none_or(|t| t <= now);
-                if due && now < limit {
-                    self.execute(Action::Notify(vec![Upstream::ExtendTimeout(EXTEND_BY)]));
-                    self.next_extend = Some(now + EXTEND_EVERY);
-                } else if now >= limit {
-                    self.next_extend = None;
-                }
-            }
-            None => self.next_extend = None,
-        }
     }
 
     /// The status snapshot for `clusterctl status` and SIGUSR1.
@@ -673,13 +592,8 @@ impl Executor {
     ) {
         match request {
             Request::Status { json } => {
-                let report = self.report();
-                let text = if json {
-                    report.json()
-                } else {
-                    format!("\n{}", report.text())
-                };
-                self.reply(stream, Ok(text));
+                let ticket = Some(self.ticket_for(stream));
+                events.push(Event::Status { ticket, json });
             }
             // The client gets the state machine's own answer (`Action::Answer` or
             // `ReloadFinished`), never one guessed before the transition ran.
@@ -692,13 +606,20 @@ impl Executor {
             }
             Request::Reload { rolling, wait } => {
                 let ticket = Some(self.ticket_for(stream));
-                let rolling = rolling || self.rolling;
                 events.push(if rolling {
                     Event::RollingRestart { ticket, wait }
                 } else {
                     Event::Reload { ticket, wait }
                 });
             }
+        }
+    }
+
+    /// Answers the control client holding `ticket` (gone already: nothing to do).
+    fn answer(&mut self, ticket: event::Ticket, result: std::result::Result<String, String>) {
+        if let Some(i) = self.waiting.iter().position(|(w, _)| *w == ticket) {
+            let (_, stream) = self.waiting.swap_remove(i);
+            self.reply(stream, result);
         }
     }
 
@@ -723,34 +644,19 @@ impl Executor {
                 }
                 Signal::SIGHUP => {
                     tracing::info!("received SIGHUP: reloading");
-                    events.push(if self.rolling {
-                        Event::RollingRestart {
-                            ticket: None,
-                            wait: false,
-                        }
-                    } else {
-                        Event::Reload {
-                            ticket: None,
-                            wait: false,
-                        }
+                    events.push(Event::Reload {
+                        ticket: None,
+                        wait: false,
                     });
                 }
-                Signal::SIGUSR1 => {
-                    for line in self.report().text().lines() {
-                        tracing::info!("stats: {line}");
-                    }
-                }
+                Signal::SIGUSR1 => events.push(Event::Status {
+                    ticket: None,
+                    json: false,
+                }),
                 Signal::SIGTTIN | Signal::SIGTTOU => {
-                    let n = self.state.desired();
-                    let workers = if sig == Signal::SIGTTIN {
-                        n + 1
-                    } else {
-                        n.saturating_sub(1)
-                    };
-                    tracing::info!("received {}: scaling to {workers} workers", sig.as_str());
-                    events.push(Event::Scale {
-                        workers,
-                        ticket: None,
+                    tracing::info!("received {}", sig.as_str());
+                    events.push(Event::ScaleStep {
+                        up: sig == Signal::SIGTTIN,
                     });
                 }
                 Signal::SIGUSR2 => {
@@ -930,12 +836,29 @@ impl Executor {
                     .collect();
                 return Some(Outcome::Event(Event::Memory(samples)));
             }
-            Action::Answer { ticket, result } => {
-                if let Some(i) = self.waiting.iter().position(|(w, _)| *w == ticket) {
-                    let (_, stream) = self.waiting.swap_remove(i);
-                    self.reply(stream, result);
+            Action::SampleTraffic => {
+                let busy = self.watched.as_mut().is_some_and(|w| w.sample().busy());
+                return Some(Outcome::Event(Event::Traffic { busy }));
+            }
+            Action::Report { ticket, json } => {
+                let report = self.report();
+                match ticket {
+                    Some(ticket) => {
+                        let text = if json {
+                            report.json()
+                        } else {
+                            format!("\n{}", report.text())
+                        };
+                        self.answer(ticket, Ok(text));
+                    }
+                    None => {
+                        for line in report.text().lines() {
+                            tracing::info!("stats: {line}");
+                        }
+                    }
                 }
             }
+            Action::Answer { ticket, result } => self.answer(ticket, result),
             Action::Kill { pid, signal, group } => {
                 let r = if group {
                     killpg(pid, signal)
@@ -963,11 +886,7 @@ impl Executor {
             } => crate::log::event(level, worker, &message),
             Action::ReloadFinished { tickets, result } => {
                 for t in tickets {
-                    if let Some(i) = self.waiting.iter().position(|(w, _)| *w == t) {
-                        let (_, stream) = self.waiting.swap_remove(i);
-                        let answer = result.clone().map(|g| format!("generation {g} serving"));
-                        self.reply(stream, answer);
-                    }
+                    self.answer(t, result.clone().map(|g| format!("generation {g} serving")));
                 }
             }
             Action::Exit { code } => {

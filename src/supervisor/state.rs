@@ -42,6 +42,12 @@ pub const MEMORY_SAMPLE_EVERY: Duration = Duration::from_secs(5);
 /// ... and a worker above the limit in this many samples in a row is recycled.
 pub const MEMORY_SAMPLES: u32 = 2;
 
+/// While a reload runs, systemd's reload timeout is pushed out by `EXTEND_BY`, every
+/// `EXTEND_EVERY`, for as long as the reload is within its own time budget
+/// (`Reload::budget`).
+pub const EXTEND_EVERY: Duration = Duration::from_secs(5);
+pub const EXTEND_BY: Duration = Duration::from_secs(15);
+
 /// The supervisor's settings, resolved from the command line.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -67,6 +73,19 @@ pub struct Config {
     pub max_worker_memory: Option<u64>,
     /// `--max-worker-age`: recycle a worker older than its own (jittered) limit.
     pub max_worker_age: Option<AgeLimit>,
+    /// `--reload-strategy rolling`: SIGHUP and `reload` replace one slot at a time.
+    pub rolling: bool,
+    /// systemd's watchdog for the supervisor (`WATCHDOG_USEC`): pinged every half of it.
+    pub systemd_watchdog: Option<Duration>,
+}
+
+impl Config {
+    /// With `--exit-idle-after`: how often the sockets' traffic is sampled (a tenth of the
+    /// idle timeout, within 200 ms .. 5 s).
+    pub fn traffic_sample_every(&self) -> Option<Duration> {
+        self.exit_idle_after
+            .map(|d| (d / 10).clamp(Duration::from_millis(200), Duration::from_secs(5)))
+    }
 }
 
 /// Why a worker is being stopped. Decides how its exit is treated (`is_failure`); the log
@@ -289,6 +308,21 @@ pub struct Reload {
     pub kind: ReloadKind,
     pub started: Instant,
     pub tickets: Vec<Ticket>,
+    /// The next `EXTEND_TIMEOUT_USEC=` to systemd; `None` once past `budget`.
+    pub extend_at: Option<Instant>,
+}
+
+impl Reload {
+    /// How long this reload may legitimately take: per step (the whole pool for a surge,
+    /// each slot for a rolling restart) `--ready-timeout` + `--min-uptime` +
+    /// `--stop-timeout` (a coalesced reload may wait for a draining generation).
+    pub fn budget(&self, cfg: &Config, workers: u32) -> Duration {
+        let steps = match self.kind {
+            ReloadKind::Surge => 1,
+            ReloadKind::Rolling { .. } => workers.max(1),
+        };
+        (cfg.ready_timeout + cfg.min_uptime + cfg.stop_timeout) * steps
+    }
 }
 
 /// A reload asked for while another one runs: coalesced into one more after it.
@@ -339,6 +373,10 @@ pub struct State {
     pub memory_sample_at: Option<Instant>,
     /// Seeds each worker's jittered age limit (the executor sets a random one).
     pub seed: u64,
+    /// The next ping of systemd's watchdog (`Config::systemd_watchdog`).
+    pub watchdog_ping_at: Option<Instant>,
+    /// With `--exit-idle-after`: the next traffic sample of the sockets.
+    pub traffic_sample_at: Option<Instant>,
 }
 
 /// A scheduled look at the accept queues: are connections waiting that nobody accepts?
@@ -380,6 +418,8 @@ impl State {
             recycle_delay: cfg_restart_min,
             memory_sample_at: None,
             seed: 0,
+            watchdog_ping_at: None,
+            traffic_sample_at: None,
         }
     }
 
@@ -472,7 +512,14 @@ impl State {
             Phase::Running => self.accept_probe.map(|p| p.at),
             _ => None,
         };
-        let recycling = [self.recycle_retry_at, self.memory_sample_at];
+        let extend = self.reload.as_ref().and_then(|r| r.extend_at);
+        let recycling = [
+            self.recycle_retry_at,
+            self.memory_sample_at,
+            self.watchdog_ping_at,
+            self.traffic_sample_at,
+            extend,
+        ];
         workers
             .chain(slots)
             .chain(phase)

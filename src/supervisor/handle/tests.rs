@@ -35,6 +35,8 @@ fn cfg(workers: u32) -> Config {
         min_uptime: Duration::ZERO,
         max_worker_memory: None,
         max_worker_age: None,
+        rolling: false,
+        systemd_watchdog: None,
     }
 }
 
@@ -826,7 +828,9 @@ fn idle_supervisor_exits_cleanly_and_busy_one_stays() {
     });
     s.ready_gen(1);
     s.blind();
-    assert_eq!(s.st.next_deadline(), Some(s.now + idle));
+    // The next traffic sample comes first, well before the idle deadline.
+    assert_eq!(s.st.next_deadline(), Some(s.now + idle / 10));
+    assert_eq!(s.st.last_busy, Some(s.now));
     // Traffic keeps pushing the deadline out.
     for _ in 0..5 {
         s.now += Duration::from_secs(6);
@@ -1937,5 +1941,124 @@ mod recycle {
         let first_sample = s.st.workers[0].started + MEMORY_SAMPLE_EVERY;
         assert_eq!(s.st.memory_sample_at, Some(first_sample));
         assert_eq!(s.st.next_deadline(), Some(first_sample));
+    }
+}
+
+/// The schedules that used to live in the executor: systemd's watchdog, its reload
+/// timeout, traffic samples, and the status verb — all fired by ticks of the fake clock.
+mod schedules {
+    use super::*;
+
+    fn count(a: &[Action], m: &Upstream) -> usize {
+        upstream(a).iter().filter(|d| d.contains(m)).count()
+    }
+
+    #[test]
+    fn systemd_watchdog_is_pinged_every_half_interval_from_the_start() {
+        let mut s = Sim::new(Config {
+            systemd_watchdog: Some(Duration::from_secs(10)),
+            ..cfg(1)
+        });
+        assert_eq!(s.st.watchdog_ping_at, Some(s.now));
+        let a = s.advance(MS);
+        assert_eq!(count(&a, &Upstream::Watchdog), 1);
+        assert!(count(&s.advance(Duration::from_secs(4)), &Upstream::Watchdog) == 0);
+        assert_eq!(
+            count(&s.advance(Duration::from_secs(1)), &Upstream::Watchdog),
+            1
+        );
+        assert!(s.st.next_deadline().is_some_and(|t| t > s.now));
+    }
+
+    #[test]
+    fn a_slow_reload_extends_systemds_timeout_every_5s_until_it_ends() {
+        let mut s = Sim::new(Config {
+            ready_timeout: Duration::from_secs(20),
+            stop_timeout: Duration::from_secs(10),
+            ..cfg(1)
+        });
+        s.ready_gen(1);
+        s.blind();
+        s.ev(Event::Reload {
+            ticket: None,
+            wait: false,
+        });
+        let extend = Upstream::ExtendTimeout(EXTEND_BY);
+        // The executor ticks right after the event that started the reload.
+        let mut extends = count(&s.advance(Duration::ZERO), &extend);
+        assert_eq!(extends, 1, "the first extend goes out at once");
+        // Generation 2 never gets ready: rolled back at --ready-timeout (20 s). Until
+        // then, one extend every 5 s; none after.
+        for _ in 0..7 {
+            let a = s.advance(Duration::from_millis(2500));
+            extends += count(&a, &extend);
+        }
+        assert!(s.st.reload.is_some());
+        assert_eq!(extends, 4, "at 0, 5, 10 and 15 s");
+        let a = s.advance(Duration::from_millis(2500));
+        assert!(s.st.reload.is_none(), "rolled back at 20 s");
+        assert_eq!(count(&a, &extend), 0);
+        assert_eq!(count(&s.advance(Duration::from_secs(10)), &extend), 0);
+    }
+
+    #[test]
+    fn traffic_is_sampled_on_a_schedule_and_rearmed_by_the_answer() {
+        let mut s = Sim::new(Config {
+            exit_idle_after: Some(Duration::from_secs(10)),
+            ..cfg(1)
+        });
+        let every = s.st.cfg.traffic_sample_every().unwrap();
+        assert_eq!(every, Duration::from_secs(1));
+        assert_eq!(s.st.traffic_sample_at, Some(s.now + every));
+        let a = s.advance(every);
+        assert!(a.contains(&Action::SampleTraffic));
+        // Nothing more until the answer comes back...
+        assert!(!s.advance(every * 3).contains(&Action::SampleTraffic));
+        // ... which arms the next one from its own end.
+        s.ev(Event::Traffic { busy: false });
+        assert_eq!(s.st.traffic_sample_at, Some(s.now + every));
+    }
+
+    #[test]
+    fn status_is_answered_by_the_state_machine() {
+        let mut s = Sim::new(cfg(1));
+        let a = s.ev(Event::Status {
+            ticket: Some(9),
+            json: true,
+        });
+        assert!(a.contains(&Action::Report {
+            ticket: Some(9),
+            json: true
+        }));
+    }
+
+    #[test]
+    fn signals_scale_by_one_from_the_current_pool() {
+        let mut s = Sim::new(cfg(2));
+        s.ready_gen(1);
+        let a = s.ev(Event::ScaleStep { up: true });
+        assert_eq!(spawns(&a), [(2, 1)]);
+        assert_eq!(s.st.desired(), 3);
+        assert_eq!(
+            s.st.cfg.workers, 2,
+            "the static config is not runtime state"
+        );
+        s.ev(Event::ScaleStep { up: false });
+        s.ev(Event::ScaleStep { up: false });
+        assert_eq!(s.st.desired(), 1);
+    }
+
+    #[test]
+    fn rolling_strategy_makes_a_plain_reload_rolling() {
+        let mut s = Sim::new(Config {
+            rolling: true,
+            ..cfg(2)
+        });
+        s.ready_gen(1);
+        let a = s.ev(Event::Reload {
+            ticket: None,
+            wait: false,
+        });
+        assert_eq!(spawns(&a), [(0, 2)]);
     }
 }
