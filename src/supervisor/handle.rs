@@ -167,6 +167,8 @@ fn settle(state: &mut State, now: Instant, out: &mut Vec<Action>) {
     }
     settle_reload(state, now, out);
     start_queued_reload(state, now, out);
+    // After the reload step: a reload that just ended may leave the pool idle for long.
+    idle_timeout(state, now, out);
     keep_one_coming(state, now, out);
     recycling(state, now, out);
     let status = state.status_line();

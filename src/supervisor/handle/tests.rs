@@ -2062,3 +2062,5 @@ mod schedules {
         assert_eq!(spawns(&a), [(0, 2)]);
     }
 }
+
+mod random_walk;

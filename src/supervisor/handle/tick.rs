@@ -23,7 +23,8 @@ pub(super) fn tick(state: &mut State, now: Instant, out: &mut Vec<Action>) {
             && state.cfg.ready == ReadyMode::Notify
             && w.generation > state.hinted_generation
             && w.started + NO_READY_HINT_AFTER <= now
-            && silent.is_none()
+            // One report, for the newest silent generation (that covers the older ones).
+            && silent.as_ref().is_none_or(|s: &Worker| s.generation < w.generation)
         {
             silent = Some(w.clone());
         }
@@ -126,7 +127,6 @@ pub(super) fn tick(state: &mut State, now: Instant, out: &mut Vec<Action>) {
         state.memory_sample_at = Some(now + MEMORY_SAMPLE_EVERY);
         out.push(Action::SampleMemory);
     }
-    idle_timeout(state, now, out);
     if let Phase::Stopping {
         force_at: Some(t),
         code,
