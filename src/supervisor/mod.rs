@@ -5,14 +5,17 @@
 //! nothing is going on, the supervisor never wakes up. Each wake-up is decoded into
 //! `Event`s, fed to `handle()`, and the returned `Action`s are carried out here.
 
+mod command;
 pub mod event;
 mod handle;
 mod memory;
+mod pidfile;
+pub(crate) mod procfs;
 pub mod state;
 
 use std::ffi::OsString;
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -87,7 +90,7 @@ pub fn run(args: RunArgs) -> Result<u8> {
             None
         }
     };
-    let program = resolve_command(&args.command[0])?;
+    let program = command::resolve_command(&args.command[0])?;
     let workers = args.opts.workers.resolve();
     let cfg = Config {
         workers,
@@ -111,7 +114,9 @@ pub fn run(args: RunArgs) -> Result<u8> {
     {
         return Err(Error::config("--worker-watchdog must be at least 10ms"));
     }
-    let pidfile = args.pidfile.as_deref().map(Pidfile::create).transpose()?;
+    let pidfile = (args.pidfile.as_deref())
+        .map(pidfile::Pidfile::create)
+        .transpose()?;
     let control = match args.control.clone().or_else(ControlSocket::default_path) {
         Some(path) => Some(ControlSocket::bind(&path)?),
         // Run by hand: a control socket of its own, found by `clusterctl status`.
@@ -128,113 +133,6 @@ pub fn run(args: RunArgs) -> Result<u8> {
     let code = sup.run();
     drop(pidfile);
     code
-}
-
-/// `--pidfile`: created exclusively; a stale one (its pid is dead) is replaced; removed on
-/// drop.
-#[derive(Debug)]
-struct Pidfile(PathBuf);
-
-impl Pidfile {
-    fn create(path: &Path) -> Result<Pidfile> {
-        use std::io::Write;
-        for _ in 0..2 {
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(path)
-            {
-                Ok(mut f) => {
-                    writeln!(f, "{}", std::process::id())
-                        .context(|| format!("cannot write pidfile {}", path.display()))?;
-                    return Ok(Pidfile(path.to_path_buf()));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let text = std::fs::read_to_string(path).unwrap_or_default();
-                    if text.trim().is_empty() {
-                        return Err(Error::config(format!(
-                            "pidfile {} exists but is empty: another supervisor may be starting; \
-                             remove it if none is",
-                            path.display()
-                        )));
-                    }
-                    let alive = text
-                        .trim()
-                        .parse::<i32>()
-                        .ok()
-                        .filter(|p| *p > 0)
-                        .is_some_and(|p| {
-                            // Our own pid in a leftover file (a container restarted us with
-                            // the same pid) is stale too.
-                            p != std::process::id().cast_signed()
-                                && kill(Pid::from_raw(p), None) != Err(nix::Error::ESRCH)
-                        });
-                    if alive {
-                        return Err(Error::config(format!(
-                            "pidfile {} names pid {}, which is running: is another supervisor using it?",
-                            path.display(),
-                            text.trim()
-                        )));
-                    }
-                    tracing::warn!(
-                        "replacing stale pidfile {} (pid {:?} is gone)",
-                        path.display(),
-                        text.trim()
-                    );
-                    let _ = std::fs::remove_file(path);
-                }
-                Err(e) => {
-                    return Err(e).context(|| format!("cannot create pidfile {}", path.display()));
-                }
-            }
-        }
-        Err(Error::Failed(format!(
-            "cannot create pidfile {}: it keeps reappearing",
-            path.display()
-        )))
-    }
-}
-
-impl Drop for Pidfile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// Finds the worker program now, so that a typo is a clear configuration error at start.
-fn resolve_command(cmd: &OsString) -> Result<PathBuf> {
-    use std::os::unix::ffi::OsStrExt;
-    let check = |p: &Path| -> std::result::Result<(), String> {
-        let meta = std::fs::metadata(p).map_err(|e| e.to_string())?;
-        if meta.is_dir() {
-            return Err("is a directory".into());
-        }
-        // access(X_OK) succeeds for root whenever any execute bit is set, and for a file
-        // with none, execve fails even for root.
-        if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o111 == 0 {
-            return Err(std::io::Error::from_raw_os_error(nix::libc::EACCES).to_string());
-        }
-        nix::unistd::access(p, nix::unistd::AccessFlags::X_OK)
-            .map_err(|e| std::io::Error::from(e).to_string())
-    };
-    let shown = Path::new(cmd).display().to_string();
-    if cmd.as_bytes().contains(&b'/') {
-        let p = PathBuf::from(cmd);
-        check(&p)
-            .map_err(|e| Error::config(format!("cannot execute worker command {shown:?}: {e}")))?;
-        return Ok(p);
-    }
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
-    for dir in std::env::split_paths(&path) {
-        let p = dir.join(cmd);
-        if check(&p).is_ok() {
-            return Ok(p);
-        }
-    }
-    Err(Error::config(format!(
-        "worker command {shown:?} not found in PATH ({}): No such file or directory",
-        path.to_string_lossy()
-    )))
 }
 
 struct Executor {
@@ -751,8 +649,7 @@ impl Executor {
             if self.state.worker(pid).is_some() {
                 return Some(pid);
             }
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            let parent = parse_ppid(&stat)?;
+            let parent = Pid::from_raw(procfs::stat(pid.as_raw())?.ppid);
             if parent.as_raw() <= 1 || parent == Pid::this() || parent == pid {
                 return None;
             }
@@ -993,45 +890,4 @@ fn watchdog_interval() -> Option<Duration> {
         return None;
     }
     (usec > 0).then(|| Duration::from_micros(usec))
-}
-
-/// The parent pid from the contents of `/proc/PID/stat`.
-fn parse_ppid(stat: &str) -> Option<Pid> {
-    // "pid (comm) state ppid pgrp ..."; comm may contain spaces and parentheses.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let ppid = rest.split_whitespace().nth(1)?.parse().ok()?;
-    Some(Pid::from_raw(ppid))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ppid_from_proc_stat() {
-        assert_eq!(
-            parse_ppid("1234 (my (odd) prog) S 77 1200 1200 0 -1"),
-            Some(Pid::from_raw(77))
-        );
-        assert_eq!(parse_ppid("garbage"), None);
-    }
-
-    #[test]
-    fn command_resolution() {
-        assert!(resolve_command(&"sh".into()).unwrap().is_absolute());
-        let e = resolve_command(&"no-such-command-xyz".into()).unwrap_err();
-        assert!(e.to_string().contains("no-such-command-xyz"));
-        assert_eq!(e.exit_code(), crate::error::exit::CONFIG);
-        let dir = std::env::temp_dir().join(format!("clusterctl-resolve-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("not-executable");
-        std::fs::write(&file, "data").unwrap();
-        let e = resolve_command(&file.clone().into()).unwrap_err();
-        assert!(e.to_string().contains("Permission denied"), "{e}");
-        let e = resolve_command(&dir.clone().into()).unwrap_err();
-        assert!(e.to_string().contains("directory"), "{e}");
-        std::fs::remove_dir_all(&dir).unwrap();
-        let e = resolve_command(&"/nonexistent/x".into()).unwrap_err();
-        assert!(e.to_string().contains("No such file"), "{e}");
-    }
 }
