@@ -174,6 +174,11 @@ struct Executor {
     /// A SIGCHLD was read: reap (and feed each exit to the state machine) before any
     /// other event of the batch.
     child_exited: bool,
+    /// Each worker's pidfd (`pidfd_open` after its spawn): signals go through it, and it
+    /// wakes the poll when the worker exits. Empty on kernels without pidfds.
+    pidfds: std::collections::HashMap<Pid, OwnedFd>,
+    /// `pidfd_open` is missing (ENOSYS, Linux < 5.3): plain pids, warned once.
+    no_pidfds: bool,
 }
 
 impl Executor {
@@ -270,6 +275,8 @@ impl Executor {
             accept_watch: crate::idle::Watched::from_listeners(n_listeners),
             unaccepted: std::collections::HashSet::new(),
             child_exited: false,
+            pidfds: std::collections::HashMap::new(),
+            no_pidfds: false,
         })
     }
 
@@ -315,42 +322,60 @@ impl Executor {
                 PollTimeout::try_from(ms.min(i32::MAX as u128)).unwrap_or(PollTimeout::MAX)
             }
         };
-        let (sig_ready, notify_ready, control_ready) = {
-            let mut fds = vec![
+        // The poll set, each fd with what it is.
+        let paused = self.accept_paused.is_some_and(|t| t > Instant::now());
+        let mut polled: Vec<(Token, PollFd)> = vec![
+            (
+                Token::Signals,
                 PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
+            ),
+            (
+                Token::Notify,
                 PollFd::new(self.notify.as_fd(), PollFlags::POLLIN),
-            ];
-            let paused = self.accept_paused.is_some_and(|t| t > Instant::now());
-            let control = self.control.is_some() && !paused;
-            if let Some(c) = self.control.as_ref().filter(|_| control) {
-                fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
+            ),
+        ];
+        if let Some(c) = self.control.as_ref().filter(|_| !paused) {
+            polled.push((Token::Control, PollFd::new(c.as_fd(), PollFlags::POLLIN)));
+        }
+        // Control clients whose request is still arriving: served in serve_control.
+        for c in &self.clients {
+            polled.push((Token::Client, PollFd::new(c.as_fd(), PollFlags::POLLIN)));
+        }
+        // Answers that did not fit at once: finished when the client reads.
+        for o in &self.outgoing {
+            polled.push((Token::Outgoing, PollFd::new(o.as_fd(), PollFlags::POLLOUT)));
+        }
+        // A worker's pidfd turns readable when it exits.
+        for fd in self.pidfds.values() {
+            polled.push((Token::Worker, PollFd::new(fd.as_fd(), PollFlags::POLLIN)));
+        }
+        // Holding the sockets without workers: a connection makes a listener readable.
+        if idle {
+            for i in 0..self.listeners.len() {
+                let fd = PollFd::new(sys::listen_fd(i), PollFlags::POLLIN);
+                polled.push((Token::Listener, fd));
             }
-            // Control clients whose request is still arriving: served in serve_control.
-            for c in &self.clients {
-                fds.push(PollFd::new(c.as_fd(), PollFlags::POLLIN));
-            }
-            // Answers that did not fit at once: finished when the client reads.
-            for o in &self.outgoing {
-                fds.push(PollFd::new(o.as_fd(), PollFlags::POLLOUT));
-            }
-            // Holding the sockets without workers: a connection makes a listener readable.
-            if idle {
-                for i in 0..self.listeners.len() {
-                    fds.push(PollFd::new(sys::listen_fd(i), PollFlags::POLLIN));
-                }
-            }
+        }
+        let ready: Vec<Token> = {
+            let mut fds: Vec<PollFd> = polled.iter().map(|(_, f)| f.clone()).collect();
             match poll(&mut fds, timeout) {
                 Ok(_) | Err(nix::Error::EINTR) => {}
                 Err(e) => return Err(e).context(|| "poll failed".into()),
             }
-            let r = |f: Option<&PollFd>| f.and_then(PollFd::revents).is_some_and(|r| !r.is_empty());
-            let first_listener =
-                (if control { 3 } else { 2 }) + self.clients.len() + self.outgoing.len();
-            if idle && fds[first_listener..].iter().any(|f| r(Some(f))) {
-                events.push(Event::Traffic { busy: true });
-            }
-            (r(fds.first()), r(fds.get(1)), control && r(fds.get(2)))
+            (polled.iter().zip(&fds))
+                .filter(|(_, f)| f.revents().is_some_and(|r| !r.is_empty()))
+                .map(|((t, _), _)| *t)
+                .collect()
         };
+        let sig_ready = ready.contains(&Token::Signals);
+        let notify_ready = ready.contains(&Token::Notify);
+        let control_ready = ready.contains(&Token::Control);
+        if ready.contains(&Token::Worker) {
+            self.child_exited = true;
+        }
+        if ready.contains(&Token::Listener) {
+            events.push(Event::Traffic { busy: true });
+        }
         if sig_ready {
             self.read_signals(&mut events);
         }
@@ -599,6 +624,9 @@ impl Executor {
                 );
                 self.guardian = None;
             }
+            // Reaped below: from then on the pid may be reused, and the state machine
+            // forgets it with this `Exited`.
+            self.pidfds.remove(&pid);
             let how = match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(_, code)) => ExitKind::Code(code),
                 Ok(WaitStatus::Signaled(_, sig, _)) => ExitKind::Signal(sig as i32),
@@ -684,6 +712,9 @@ impl Executor {
                 if let (Some(pid), Err(_), Some(g)) = (pid, &result, &mut self.guardian) {
                     g.track(pid, false);
                 }
+                if let Ok(pid) = &result {
+                    self.open_pidfd(*pid);
+                }
                 queue.push_back(self.spawn_outcome(slot, generation, result));
             }
             queue.extend(results);
@@ -757,10 +788,13 @@ impl Executor {
             }
             Action::Answer { ticket, result } => self.answer(ticket, result),
             Action::Kill { pid, signal, group } => {
-                let r = if group {
-                    killpg(pid, signal)
-                } else {
-                    kill(pid, signal)
+                // The group id is the worker's pid, not reusable while the worker is not
+                // reaped (and the state machine forgets it once it is).
+                let r = match self.pidfds.get(&pid) {
+                    _ if group => killpg(pid, signal),
+                    Some(fd) => sys::pidfd_send_signal(fd.as_fd(), signal)
+                        .map_err(|e| nix::Error::from_raw(e.raw_os_error().unwrap_or(0))),
+                    None => kill(pid, signal),
                 };
                 if let Err(e) = r
                     && e != nix::Error::ESRCH
@@ -844,6 +878,26 @@ impl Executor {
         started
     }
 
+    /// Holds a pidfd for a new worker (before anything can reap it: only this thread
+    /// reaps, and not before its `Spawned` was handled).
+    fn open_pidfd(&mut self, pid: Pid) {
+        if self.no_pidfds {
+            return;
+        }
+        match sys::pidfd_open(pid) {
+            Ok(fd) => {
+                self.pidfds.insert(pid, fd);
+            }
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOSYS) => {
+                self.no_pidfds = true;
+                tracing::warn!(
+                    "this kernel has no pidfd_open (Linux < 5.3): workers are signalled by pid"
+                );
+            }
+            Err(e) => tracing::debug!("cannot open a pidfd for worker pid {pid}: {e}"),
+        }
+    }
+
     /// The event for a spawn's outcome.
     fn spawn_outcome(&self, slot: u32, generation: u32, result: std::io::Result<Pid>) -> Event {
         match result {
@@ -871,6 +925,23 @@ impl Executor {
             }
         }
     }
+}
+
+/// What a polled fd is (see `Executor::wait`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Token {
+    Signals,
+    Notify,
+    /// The control socket's listener.
+    Control,
+    /// A control client whose request is still arriving.
+    Client,
+    /// A control client whose answer is still being written.
+    Outgoing,
+    /// A worker's pidfd: readable once it exited.
+    Worker,
+    /// A held listening socket (`--lazy`, idle).
+    Listener,
 }
 
 /// What an action leaves for `dispatch` to finish.
