@@ -902,8 +902,8 @@ fn reload_while_idle_succeeds_at_once() {
     assert!(s.st.queued.is_none());
 }
 
-// ---------------------------------------------------------------- review findings
-mod review {
+/// Regressions found in review, each named after the behaviour it now asserts.
+mod regressions {
     use super::*;
 
     /// A reload that is waiting for something must have a deadline armed, or be done.
@@ -917,15 +917,15 @@ mod review {
     }
 
     #[test]
-    fn scale_up_during_surge_reload_hangs_the_reload() {
+    fn scale_during_a_surge_reload_is_refused_and_never_hangs_it() {
         let mut s = Sim::new(cfg(2));
         s.ready_gen(1);
         s.ev(Event::Reload {
             ticket: Some(1),
             wait: true,
         });
-        // Executor's `reload.is_some()` guard is evaluated before the Reload event is
-        // dispatched when SIGHUP and a scale request arrive in the same poll wake.
+        // SIGHUP and a scale request in the same poll wake-up: handle() sees the reload
+        // first, and refuses the scale.
         s.ev(Event::Scale {
             workers: 3,
             ticket: None,
@@ -936,7 +936,7 @@ mod review {
     }
 
     #[test]
-    fn scale_down_during_rolling_restart_hangs_it() {
+    fn scale_down_during_a_rolling_restart_never_hangs_it() {
         let mut s = Sim::new(cfg(3));
         s.ready_gen(1);
         s.ev(Event::RollingRestart {
@@ -967,7 +967,7 @@ mod review {
     }
 
     #[test]
-    fn scale_up_while_lazy_idle_spawns_workers_that_leak_and_block_reloads() {
+    fn scale_up_while_lazy_idle_spawns_nothing() {
         let mut s = Sim::new(Config {
             lazy: true,
             exit_idle_after: Some(Duration::from_secs(5)),
@@ -981,7 +981,7 @@ mod review {
     }
 
     #[test]
-    fn leaked_idle_worker_blocks_every_later_reload() {
+    fn reload_after_scaling_while_idle_starts_at_once() {
         let mut s = Sim::new(Config {
             lazy: true,
             exit_idle_after: Some(Duration::from_secs(5)),
@@ -1016,7 +1016,7 @@ mod review {
     }
 
     #[test]
-    fn watchdog_victim_exiting_after_lazy_idle_arms_a_deadline_that_never_fires() {
+    fn watchdog_victim_exiting_after_lazy_idle_leaves_no_deadline_in_the_past() {
         let mut s = Sim::new(Config {
             lazy: true,
             exit_idle_after: Some(Duration::from_secs(5)),
@@ -1039,7 +1039,7 @@ mod review {
     }
 
     #[test]
-    fn idle_deadline_in_the_past_while_a_coalesced_reload_waits_for_the_drain() {
+    fn no_idle_deadline_in_the_past_while_a_coalesced_reload_waits_for_the_drain() {
         let mut s = Sim::new(Config {
             exit_idle_after: Some(Duration::from_secs(10)),
             ..cfg(1)
@@ -1062,7 +1062,7 @@ mod review {
     }
 
     #[test]
-    fn second_stop_after_a_failed_start_turns_the_exit_code_into_zero() {
+    fn second_stop_after_a_failed_start_keeps_the_failure_exit_code() {
         let mut s = Sim::new(cfg(2));
         let p = s.pids(1);
         s.ready(p[1]);
@@ -1080,7 +1080,7 @@ mod review {
     }
 
     #[test]
-    fn worker_watchdog_is_never_armed_with_ready_exec() {
+    fn worker_watchdog_is_armed_with_ready_exec() {
         let mut s = Sim::new(Config {
             ready: ReadyMode::Exec,
             worker_watchdog: Some(Duration::from_secs(2)),
@@ -1094,7 +1094,7 @@ mod review {
     }
 
     #[test]
-    fn reload_while_lazy_idle_with_draining_workers_is_never_answered() {
+    fn reload_while_lazy_idle_with_draining_workers_is_answered() {
         let mut s = Sim::new(Config {
             lazy: true,
             exit_idle_after: Some(Duration::from_secs(5)),
