@@ -147,4 +147,36 @@ impl Executor {
         self.waiting.push((ticket, stream));
         ticket
     }
+
+    /// The status snapshot for `clusterctl status` and SIGUSR1.
+    pub(super) fn report(&self) -> crate::status::Report {
+        let sockets = self
+            .listeners
+            .names
+            .iter()
+            .cloned()
+            .zip(self.listeners.addresses.iter().cloned())
+            .collect();
+        crate::status::report(&self.state, sockets, self.started, Instant::now())
+    }
+
+    /// Answers a status request (`ticket`), or logs the report (SIGUSR1).
+    pub(super) fn report_status(&mut self, ticket: Option<Ticket>, json: bool) {
+        let report = self.report();
+        match ticket {
+            Some(ticket) => {
+                let text = if json {
+                    report.json()
+                } else {
+                    format!("\n{}", report.text())
+                };
+                self.answer(ticket, Ok(text));
+            }
+            None => {
+                for line in report.text().lines() {
+                    tracing::info!("stats: {line}");
+                }
+            }
+        }
+    }
 }

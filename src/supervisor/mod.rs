@@ -1,9 +1,28 @@
 //! `clusterctl run`: the executor around the pure state machine.
 //!
-//! One thread, one `poll(2)` over a signalfd (SIGCHLD, SIGTERM, SIGHUP, …) and the workers'
-//! notify socket, with a timeout only when the state machine has a deadline armed: when
-//! nothing is going on, the supervisor never wakes up. Each wake-up is decoded into
-//! `Event`s, fed to `handle()`, and the returned `Action`s are carried out here.
+//! One thread, one `poll(2)` over a signalfd (SIGCHLD, SIGTERM, SIGHUP, …), the workers'
+//! notify socket, the control socket and its clients, and each worker's pidfd, with a
+//! timeout only when the state machine has a deadline armed (`State::next_deadline`): when
+//! nothing is going on, the supervisor never wakes up. The executor holds no policy: it
+//! waits (`wait`, a poll set keyed by `Token`), decodes what woke it into `Event`s
+//! (decode.rs, clients.rs), feeds them to `handle()` and carries out the `Action`s
+//! (`execute`; spawning in exec.rs, measurements in samples.rs). Every schedule — ready timeouts, backoff, systemd's
+//! watchdog and reload timeout, traffic and memory samples — is a deadline in `State`,
+//! fired by `Event::Tick`; every control verb is an `Event` with a `Ticket`, answered by an
+//! `Action`.
+//!
+//! ```text
+//! start.rs     options -> state::Config, sockets, guardian, control socket, signalfd
+//! mod.rs       the loop: wait, dispatch, execute
+//! decode.rs    signals, reaping (waitid), notify datagrams -> Event
+//! clients.rs   control clients -> Event + Ticket; answers written back
+//! exec.rs      Action::Spawn: environment, fork/exec, pidfd
+//! samples.rs   Action::ProbeAccepting / SampleMemory -> Event
+//! event.rs     Event / Action: the vocabulary
+//! state.rs     State, Worker, WorkerPhase, StopReason, Reload: plain data
+//! handle.rs    handle(state, event, now) -> actions; handle/{lifecycle,reload,scale,tick}.rs
+//! procfs.rs    the one /proc reader; memory.rs: tree RSS; pidfile.rs; command.rs: PATH
+//! ```
 
 mod clients;
 mod command;
@@ -14,6 +33,7 @@ mod handle;
 mod memory;
 mod pidfile;
 pub(crate) mod procfs;
+mod samples;
 mod start;
 pub mod state;
 
@@ -201,18 +221,6 @@ impl Executor {
         Ok(events)
     }
 
-    /// The status snapshot for `clusterctl status` and SIGUSR1.
-    fn report(&self) -> crate::status::Report {
-        let sockets = self
-            .listeners
-            .names
-            .iter()
-            .cloned()
-            .zip(self.listeners.addresses.iter().cloned())
-            .collect();
-        crate::status::report(&self.state, sockets, self.started, Instant::now())
-    }
-
     /// Handles an event and carries out its actions. A spawn's outcome is handled after
     /// the rest of its batch (so that batch's notifications, e.g. `RELOADING=1`, go out
     /// first) but before any other event.
@@ -257,62 +265,13 @@ impl Executor {
                 let started = self.spawn_start(slot, generation);
                 return Some(Outcome::Started(slot, generation, started));
             }
-            Action::ProbeAccepting => {
-                let found = match self.accept_watch.accept_queue() {
-                    Ok((waiting, accepting)) => {
-                        let stuck = waiting.intersection(&self.unaccepted).count();
-                        let b = event::Backlog {
-                            waiting: u32::try_from(waiting.len()).unwrap_or(u32::MAX),
-                            stuck: u32::try_from(stuck).unwrap_or(u32::MAX),
-                            accepting,
-                        };
-                        self.unaccepted = waiting;
-                        Some(b)
-                    }
-                    Err(e) => {
-                        tracing::debug!("cannot look at the accept queues: {e}");
-                        None
-                    }
-                };
-                return Some(Outcome::Event(Event::Backlog(found)));
-            }
-            Action::SampleMemory => {
-                let samples = self
-                    .state
-                    .workers
-                    .iter()
-                    .filter(|w| {
-                        matches!(
-                            w.phase,
-                            state::WorkerPhase::Starting { .. } | state::WorkerPhase::Ready { .. }
-                        )
-                    })
-                    .filter_map(|w| memory::tree_rss(w.pid.as_raw()).map(|b| (w.pid, b)))
-                    .collect();
-                return Some(Outcome::Event(Event::Memory(samples)));
-            }
+            Action::ProbeAccepting => return Some(Outcome::Event(self.probe_accepting())),
+            Action::SampleMemory => return Some(Outcome::Event(self.sample_memory())),
             Action::SampleTraffic => {
                 let busy = self.watched.as_mut().is_some_and(|w| w.sample().busy());
                 return Some(Outcome::Event(Event::Traffic { busy }));
             }
-            Action::Report { ticket, json } => {
-                let report = self.report();
-                match ticket {
-                    Some(ticket) => {
-                        let text = if json {
-                            report.json()
-                        } else {
-                            format!("\n{}", report.text())
-                        };
-                        self.answer(ticket, Ok(text));
-                    }
-                    None => {
-                        for line in report.text().lines() {
-                            tracing::info!("stats: {line}");
-                        }
-                    }
-                }
-            }
+            Action::Report { ticket, json } => self.report_status(ticket, json),
             Action::Answer { ticket, result } => self.answer(ticket, result),
             Action::Kill { pid, signal, group } => {
                 // The group id is the worker's pid, not reusable while the worker is not

@@ -1,7 +1,13 @@
-//! The supervisor's state: nouns only. Transitions live in `handle.rs`.
+//! The supervisor's state: nouns and queries only, plain data (no closures, no `Rc`) so
+//! that it can be inspected, tested and serialized. Transitions live in `handle.rs`.
 //!
 //! A worker is identified by its pid; its `slot` (WORKER_ID) and `generation` are separate
 //! because during a reload two generations overlap and both have a worker in each slot.
+//! Generations, one name each: `Worker::generation` (what it runs), `Slot::generation`
+//! (what the slot refills with), `State::serving_generation` (the pool's, after the last
+//! successful reload), `State::newest_generation` (the highest number used),
+//! `Reload::generation` (the one being rolled out). The pool's size is `State::desired()`
+//! (one `Slot` each); `Config` is static.
 
 use std::time::{Duration, Instant};
 
