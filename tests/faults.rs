@@ -712,6 +712,14 @@ fn reload_soak_under_load_is_clean() {
     // Warm up (first reload allocates the buffers that stay).
     let (code, out, err) = sup.ctl(&["reload", "--wait"]);
     assert_eq!(code, 0, "{out}{err}");
+    // Counted once the old generation is gone: each live worker holds a pidfd.
+    let drained = || {
+        wait_for("the old generation drained", SECS(20), || {
+            let status = status_json(&sup.control)?;
+            (!status.contains("\"draining\"") && !status.contains("\"killed\"")).then_some(())
+        });
+    };
+    drained();
     let (fds0, threads0, rss0) = (fd_count(pid), threads(pid), rss_kib(pid));
     let load = Load::start(port, 2, 1, SECS(120), 1_000_000);
     let deadline = Instant::now() + SECS(100);
@@ -735,6 +743,7 @@ fn reload_soak_under_load_is_clean() {
     assert!(done >= 30, "only {done} reloads in 100 s");
     assert_eq!(summary.failed, 0, "{summary:?}");
     assert!(summary.ok > 0);
+    drained();
     let (fds1, threads1, rss1) = (fd_count(pid), threads(pid), rss_kib(pid));
     assert_eq!(fds1, fds0, "fds stable over {done} reloads");
     assert_eq!(threads1, threads0, "threads stable");
