@@ -703,6 +703,13 @@ fn reload_soak_under_load_is_clean() {
         .spawn_raw();
     wait_for("first answer", SECS(20), || http_get(port, "/").ok());
     let pid = sup.pid();
+    // Counted once the old generation is gone: each live worker holds a pidfd.
+    let drained = || {
+        wait_for("the old generation drained", SECS(20), || {
+            let status = status_json(&sup.control)?;
+            (!status.contains("\"draining\"") && !status.contains("\"killed\"")).then_some(())
+        });
+    };
     let load = Load::start(port, 2, 1, SECS(120), 1_000_000);
     let deadline = Instant::now() + SECS(100);
     let mut done = 0;
@@ -714,6 +721,7 @@ fn reload_soak_under_load_is_clean() {
         // Warmed up under load (the buffers and histories that stay are allocated): a
         // leak grows from here on.
         if done == 10 {
+            drained();
             baseline = Some((fd_count(pid), threads(pid), rss_kib(pid)));
         }
     }
@@ -732,6 +740,7 @@ fn reload_soak_under_load_is_clean() {
     assert!(done >= 30, "only {done} reloads in 100 s");
     assert_eq!(summary.failed, 0, "{summary:?}");
     assert!(summary.ok > 0);
+    drained();
     let (fds1, threads1, rss1) = (fd_count(pid), threads(pid), rss_kib(pid));
     assert_eq!(fds1, fds0, "fds stable over {done} reloads");
     assert_eq!(threads1, threads0, "threads stable");

@@ -339,8 +339,8 @@ fn scale_in_the_same_wake_as_a_reload_is_answered_with_the_refusal() {
         "{scale}"
     );
     sup.wait_log("generation 2 serving");
-    let (_, json, _) = sup.ctl(&["status", "--json"]);
-    assert!(json.contains("\"workers_wanted\":2"), "{json}");
+    let st = sup.status_json();
+    assert_eq!(st["supervisor"]["workers_wanted"], 2, "{st}");
     let (code, out, _) = sup.ctl(&["scale", "3"]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("scaling from 2 to 3 workers"), "{out}");
