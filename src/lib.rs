@@ -17,7 +17,6 @@ pub(crate) mod log;
 pub(crate) mod notify;
 pub(crate) mod settings;
 pub(crate) mod sockets;
-pub(crate) mod status;
 pub(crate) mod supervisor;
 mod sys;
 pub(crate) mod units;

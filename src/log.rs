@@ -19,7 +19,14 @@ use tracing::Level;
 use tracing_subscriber::layer::SubscriberExt;
 
 use crate::cli::LogTarget;
-use crate::supervisor::event::WorkerTag;
+
+/// Identifies a worker in log lines (journald fields WORKER_ID, GENERATION, WORKER_PID).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerTag {
+    pub slot: u32,
+    pub generation: u32,
+    pub pid: Option<nix::unistd::Pid>,
+}
 
 /// True when our stderr is connected to the journal: `$JOURNAL_STREAM` (`DEV:INODE`, set by
 /// systemd) matches stderr's device and inode.

@@ -149,7 +149,7 @@ impl Executor {
     }
 
     /// The status snapshot for `clusterctl status` and SIGUSR1.
-    pub(super) fn report(&self) -> crate::status::Report {
+    pub(super) fn report(&self) -> super::status::Report {
         let sockets = self
             .listeners
             .names
@@ -157,7 +157,7 @@ impl Executor {
             .cloned()
             .zip(self.listeners.addresses.iter().cloned())
             .collect();
-        crate::status::report(&self.state, sockets, self.started, Instant::now())
+        super::status::report(&self.state, sockets, self.started, Instant::now())
     }
 
     /// Answers a status request (`ticket`), or logs the report (SIGUSR1).

@@ -141,13 +141,9 @@ pub struct Backlog {
     pub accepting: bool,
 }
 
-/// Identifies a worker in log lines (journald fields WORKER_ID, GENERATION, WORKER_PID).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WorkerTag {
-    pub slot: u32,
-    pub generation: u32,
-    pub pid: Option<Pid>,
-}
+/// Identifies a worker in log lines; defined by the log, which must not depend on the
+/// supervisor.
+pub use crate::log::WorkerTag;
 
 /// Formats a duration for humans in log lines: `250ms`, `1.5s`, `2m30s`, `6h12m`.
 pub fn human(d: Duration) -> String {

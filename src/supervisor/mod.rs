@@ -21,7 +21,7 @@
 //! event.rs     Event / Action: the vocabulary
 //! state.rs     State, Worker, WorkerPhase, StopReason, Reload: plain data
 //! handle.rs    handle(state, event, now) -> actions; handle/{lifecycle,reload,scale,tick}.rs
-//! procfs.rs    the one /proc reader; memory.rs: tree RSS; pidfile.rs
+//! procfs.rs    the one /proc reader; memory.rs: tree RSS; pidfile.rs; status.rs: the report
 //! ```
 
 mod clients;
@@ -35,6 +35,7 @@ pub(crate) mod procfs;
 mod samples;
 mod start;
 pub mod state;
+mod status;
 
 pub use self::start::run;
 

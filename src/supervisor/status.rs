@@ -5,8 +5,8 @@
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
-use crate::supervisor::procfs;
-use crate::supervisor::state::{Phase, State, WorkerPhase};
+use super::procfs;
+use super::state::{Phase, State, WorkerPhase};
 
 /// One row of the worker table.
 #[derive(Debug, Clone, PartialEq)]
