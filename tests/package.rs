@@ -255,7 +255,7 @@ fn check_completions(sd: &Systemd) {
 fn check_under_systemd(sd: &Systemd) {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    // The example worker (examples/worker.rs): it answers `worker=… pid=… generation=…`.
+    // The example worker (examples/worker/): it answers `worker=… pid=… generation=…`.
     let worker = Systemd::path(&example("worker"));
     inside(
         sd,
