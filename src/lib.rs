@@ -66,6 +66,17 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> u8 {
             );
         }
         Command::Status(a) => return ctl(&a.target, control::Request::Status { json: a.json }),
+        Command::Upgrade(a) => {
+            // A relative --binary means the caller's directory, not the supervisor's.
+            let binary = a.binary.map(|b| std::path::absolute(&b).unwrap_or(b));
+            return ctl(
+                &a.target,
+                control::Request::Upgrade {
+                    wait: a.wait,
+                    binary,
+                },
+            );
+        }
         Command::Logs(a) => logs(&a),
         Command::Man(a) => man(&a),
         Command::Completions { shell } => {
@@ -171,6 +182,7 @@ fn ctl(target: &cli::Target, request: control::Request) -> u8 {
                 control::Request::Reload { rolling: true, .. } => "restart",
                 control::Request::Reload { .. } => "reload",
                 control::Request::Scale(_) => "scale",
+                control::Request::Upgrade { .. } => "upgrade",
             };
             return usage_error(
                 &format!(
@@ -184,8 +196,13 @@ fn ctl(target: &cli::Target, request: control::Request) -> u8 {
         Err(e) => return report(&e),
     };
     let waits = matches!(request, control::Request::Reload { wait: true, .. });
-    // Reloads may take as long as the workers' ready timeout; anything else is instant.
-    let timeout = (!waits).then(|| std::time::Duration::from_secs(10));
+    // Reloads may take as long as the workers' ready timeout; an upgrade as long as the
+    // new binary takes to start (a cold page cache, a loaded host); anything else is instant.
+    let timeout = if matches!(request, control::Request::Upgrade { .. }) {
+        Some(std::time::Duration::from_secs(60))
+    } else {
+        (!waits).then(|| std::time::Duration::from_secs(10))
+    };
     match control::call(&path, &request, timeout) {
         Ok(answer) => {
             let answer = answer.trim_end();

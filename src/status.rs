@@ -35,6 +35,9 @@ pub struct WorkerRow {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Report {
     pub pid: u32,
+    /// The running binary and its version (they change with `clusterctl upgrade`).
+    pub binary: String,
+    pub version: String,
     pub uptime: Duration,
     pub phase: &'static str,
     pub status: String,
@@ -211,6 +214,10 @@ pub fn report(
     workers.sort_by_key(|w| (w.slot, w.generation));
     Report {
         pid: std::process::id(),
+        binary: crate::supervisor::handover::current_binary()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        version: crate::supervisor::handover::version(),
         uptime: now.saturating_duration_since(started),
         phase: match state.phase {
             Phase::Idle => "idle",
@@ -261,6 +268,7 @@ impl Report {
             secs(self.uptime),
             self.phase
         );
+        let _ = writeln!(o, "binary:     {} (clusterctl {})", self.binary, self.version);
         let _ = writeln!(o, "status:     {}", self.status);
         let _ = writeln!(
             o,
@@ -329,14 +337,16 @@ impl Report {
         let mut o = String::from("{\"version\":1,");
         let _ = write!(
             o,
-            "\"supervisor\":{{\"pid\":{},\"uptime_seconds\":{},\"phase\":{},\"status\":{},\"generation\":{},\"workers_wanted\":{},\"log_lines_dropped\":{}}},",
+            "\"supervisor\":{{\"pid\":{},\"uptime_seconds\":{},\"phase\":{},\"status\":{},\"generation\":{},\"workers_wanted\":{},\"log_lines_dropped\":{},\"binary\":{},\"version\":{}}},",
             self.pid,
             secs(self.uptime),
             jstr(self.phase),
             jstr(&self.status),
             self.generation,
             self.workers_wanted,
-            self.log_lines_dropped
+            self.log_lines_dropped,
+            jstr(&self.binary),
+            jstr(&self.version)
         );
         o.push_str("\"sockets\":[");
         for (i, (n, a)) in self.sockets.iter().enumerate() {

@@ -7,8 +7,10 @@
 
 pub mod event;
 mod handle;
+pub mod handover;
 mod memory;
 pub mod state;
+mod upgrade;
 
 use std::ffi::OsString;
 use std::os::fd::{AsFd, OwnedFd};
@@ -72,10 +74,20 @@ pub fn run(args: RunArgs) -> Result<u8> {
     )
     .map_err(Error::Config)?;
     // Sockets first: in bind mode they must land at fds 3.. before anything else opens fds.
-    let (listeners, warnings) = sockets::acquire(&args.listen, args.reuse_port)?;
+    // `clusterctl upgrade`: the previous image handed over its fds and state.
+    let mut resume = args.resume_from.map(upgrade::Resume::read).transpose()?;
+    let (listeners, warnings) = match resume.as_mut().and_then(|r| r.listeners.take()) {
+        Some(l) => (l, Vec::new()),
+        None => sockets::acquire(&args.listen, args.reuse_port)?,
+    };
     let nofile = sys::raise_nofile();
     // Forked from the main thread before the log thread exists; it keeps none of our fds.
-    let guardian = sys::Guardian::start();
+    let guardian = match resume.as_mut() {
+        Some(r) => r.guardian.take().ok_or_else(|| {
+            std::io::Error::other("the supervisor had none before `clusterctl upgrade`")
+        }),
+        None => sys::Guardian::start(),
+    };
     let log_warning = crate::log::init(args.log);
     for w in warnings.iter().chain(&log_warning) {
         tracing::warn!("{w}");
@@ -115,8 +127,15 @@ pub fn run(args: RunArgs) -> Result<u8> {
     {
         return Err(Error::config("--worker-watchdog must be at least 10ms"));
     }
-    let pidfile = args.pidfile.as_deref().map(Pidfile::create).transpose()?;
-    let control = match args.control.clone().or_else(ControlSocket::default_path) {
+    let pidfile = match &resume {
+        // Ours already (same pid).
+        Some(_) => args.pidfile.clone().map(Pidfile),
+        None => args.pidfile.as_deref().map(Pidfile::create).transpose()?,
+    };
+    let adopted = resume.as_mut().map(|r| r.control.take());
+    let control = match adopted {
+        Some(c) => c,
+        None => match args.control.clone().or_else(ControlSocket::default_path) {
         Some(path) => Some(ControlSocket::bind(&path)?),
         // Run by hand: a control socket of its own, found by `clusterctl status`.
         None => match ControlSocket::bind_by_hand(&program) {
@@ -126,10 +145,15 @@ pub fn run(args: RunArgs) -> Result<u8> {
                 None
             }
         },
+        },
     };
     let rolling = args.opts.reload_strategy == crate::cli::ReloadStrategy::Rolling;
-    let mut sup = Executor::new(cfg, listeners, program, args.command, control, rolling)?;
+    let notify = resume.as_mut().and_then(|r| r.notify.take());
+    let mut sup = Executor::new(cfg, listeners, program, args.command, control, rolling, notify)?;
     sup.guardian = guardian;
+    if let Some(r) = resume {
+        r.apply(&mut sup);
+    }
     let code = sup.run();
     drop(pidfile);
     code
@@ -289,6 +313,10 @@ struct Executor {
     child_exited: bool,
     sample_every: Duration,
     next_sample: Option<Instant>,
+    /// `clusterctl upgrade`: a request to carry out after the current batch, and (in the
+    /// new image) what is left to do on resume.
+    upgrade: Option<upgrade::Request>,
+    resumed: Option<upgrade::Resumed>,
 }
 
 impl Executor {
@@ -299,6 +327,7 @@ impl Executor {
         argv: Vec<OsString>,
         control: Option<ControlSocket>,
         rolling: bool,
+        notify: Option<NotifySocket>,
     ) -> Result<Executor> {
         let mut mask = SigSet::empty();
         for s in SIGNALS {
@@ -311,7 +340,10 @@ impl Executor {
         if let Err(e) = sys::set_child_subreaper() {
             tracing::warn!("cannot become a child subreaper: {e}");
         }
-        let notify = NotifySocket::bind()?;
+        let notify = match notify {
+            Some(n) => n,
+            None => NotifySocket::bind()?,
+        };
         let devnull: OwnedFd = std::fs::File::open("/dev/null")
             .context(|| "cannot open /dev/null".into())?
             .into();
@@ -397,11 +429,16 @@ impl Executor {
             child_exited: false,
             sample_every,
             next_sample: None,
+            upgrade: None,
+            resumed: None,
         })
     }
 
     fn run(&mut self) -> Result<u8> {
-        self.dispatch(Event::Start);
+        match self.resumed.take() {
+            Some(r) => self.resumed(r),
+            None => self.dispatch(Event::Start),
+        }
         while self.exit.is_none() {
             let events = self.wait()?;
             if std::mem::take(&mut self.child_exited) {
@@ -415,6 +452,12 @@ impl Executor {
                 if self.exit.is_some() {
                     break;
                 }
+            }
+            // Between batches: nothing read is left unhandled.
+            if let Some(u) = self.upgrade.take()
+                && self.exit.is_none()
+            {
+                self.upgrade(u);
             }
         }
         Ok(self.exit.unwrap_or(0))
@@ -689,6 +732,13 @@ impl Executor {
                     workers: n,
                     ticket: Some(ticket),
                 });
+            }
+            Request::Upgrade { wait, binary } => {
+                if self.upgrade.is_some() {
+                    self.reply(stream, Err("an upgrade is already under way".into()));
+                } else {
+                    self.upgrade = Some(upgrade::Request::new(stream, wait, binary));
+                }
             }
             Request::Reload { rolling, wait } => {
                 let ticket = Some(self.ticket_for(stream));
