@@ -8,8 +8,8 @@
 //! `--wait` requests are answered when the reload finished.
 
 use std::io::{Read, Write};
-use std::os::unix::ffi::OsStringExt;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -235,11 +235,7 @@ impl ControlSocket {
     pub fn adopt(fd: std::os::fd::OwnedFd, path: PathBuf, id: Option<(u64, u64)>) -> ControlSocket {
         let listener = UnixListener::from(fd);
         let _ = listener.set_nonblocking(true);
-        ControlSocket {
-            listener,
-            path,
-            id,
-        }
+        ControlSocket { listener, path, id }
     }
 
     /// Accepts a pending client: `Ok(None)` when there is none. Its request is read as it

@@ -50,7 +50,7 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> u8 {
         Command::Reload(a) => {
             return ctl(
                 &a.target,
-                control::Request::Reload {
+                &control::Request::Reload {
                     rolling: false,
                     wait: a.wait,
                 },
@@ -59,19 +59,19 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> u8 {
         Command::Restart(a) => {
             return ctl(
                 &a.target,
-                control::Request::Reload {
+                &control::Request::Reload {
                     rolling: a.rolling,
                     wait: a.wait,
                 },
             );
         }
-        Command::Status(a) => return ctl(&a.target, control::Request::Status { json: a.json }),
+        Command::Status(a) => return ctl(&a.target, &control::Request::Status { json: a.json }),
         Command::Upgrade(a) => {
             // A relative --binary means the caller's directory, not the supervisor's.
             let binary = a.binary.map(|b| std::path::absolute(&b).unwrap_or(b));
             return ctl(
                 &a.target,
-                control::Request::Upgrade {
+                &control::Request::Upgrade {
                     wait: a.wait,
                     binary,
                 },
@@ -90,7 +90,7 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> u8 {
             write_stdout(&out)
         }
         Command::Scale(a) => match a.split() {
-            Ok((target, n)) => return ctl(&target, control::Request::Scale(n.resolve())),
+            Ok((target, n)) => return ctl(&target, &control::Request::Scale(n.resolve())),
             Err(e) => return usage_error(&e, "scale"),
         },
     };
@@ -172,7 +172,7 @@ fn logs(a: &cli::LogsArgs) -> error::Result<()> {
 }
 
 /// Sends one request to a running supervisor, prints its answer; returns the exit code.
-fn ctl(target: &cli::Target, request: control::Request) -> u8 {
+fn ctl(target: &cli::Target, request: &control::Request) -> u8 {
     let path = match control::locate(target.app.as_deref(), target.control.as_deref()) {
         Ok(p) => p,
         // No APP, no --control, and no supervisor found by default: a usage error.
@@ -203,7 +203,7 @@ fn ctl(target: &cli::Target, request: control::Request) -> u8 {
     } else {
         (!waits).then(|| std::time::Duration::from_secs(10))
     };
-    match control::call(&path, &request, timeout) {
+    match control::call(&path, request, timeout) {
         Ok(answer) => {
             let answer = answer.trim_end();
             if answer.is_empty() {

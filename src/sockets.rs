@@ -41,7 +41,11 @@ impl Listeners {
     }
 
     /// The sockets of the previous image (`clusterctl upgrade`), still at fds 3..3+n.
-    pub fn adopt(names: Vec<String>, addresses: Vec<String>, created_paths: Vec<PathBuf>) -> Listeners {
+    pub fn adopt(
+        names: Vec<String>,
+        addresses: Vec<String>,
+        created_paths: Vec<PathBuf>,
+    ) -> Listeners {
         Listeners {
             names,
             addresses,

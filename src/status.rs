@@ -268,7 +268,11 @@ impl Report {
             secs(self.uptime),
             self.phase
         );
-        let _ = writeln!(o, "binary:     {} (clusterctl {})", self.binary, self.version);
+        let _ = writeln!(
+            o,
+            "binary:     {} (clusterctl {})",
+            self.binary, self.version
+        );
         let _ = writeln!(o, "status:     {}", self.status);
         let _ = writeln!(
             o,

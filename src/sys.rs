@@ -434,6 +434,13 @@ pub fn exec(path: &std::path::Path, argv: &[std::ffi::OsString]) -> io::Error {
     }
 }
 
+/// Is `pid` still a child of ours (running, or a zombie not reaped yet)?
+pub fn is_child(pid: Pid) -> bool {
+    use nix::sys::wait::{Id, WaitPidFlag, waitid};
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+    waitid(Id::Pid(pid), flags) != Err(nix::Error::ECHILD)
+}
+
 /// Makes this process a child subreaper: orphaned descendants of workers are reparented to
 /// the supervisor (and reaped) instead of init.
 pub fn set_child_subreaper() -> io::Result<()> {

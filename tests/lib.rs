@@ -13,3 +13,4 @@ mod servers;
 mod support;
 mod systemd_e2e;
 mod systemd_smoke;
+mod upgrade;

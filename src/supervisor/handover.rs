@@ -21,6 +21,7 @@
 //! systemd, `Restart=` then starts the service afresh). See README, "Upgrading clusterctl".
 
 use std::ffi::OsString;
+use std::fmt::Write as _;
 use std::io::{Read, Seek, Write};
 use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -56,7 +57,7 @@ pub fn escape(bytes: &[u8]) -> String {
         if b.is_ascii_alphanumeric() || b"._/:@+,".contains(&b) {
             o.push(char::from(b));
         } else {
-            o.push_str(&format!("%{b:02X}"));
+            let _ = write!(o, "%{b:02X}");
         }
     }
     o
@@ -122,6 +123,9 @@ impl Clock {
     }
 }
 
+/// The control listener handed over: fd, path, and the socket file's (device, inode).
+pub type ControlFd = (RawFd, PathBuf, Option<(u64, u64)>);
+
 /// What every version reads: enough to keep the workers and the sockets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Base {
@@ -134,7 +138,7 @@ pub struct Base {
     /// When the supervisor first started (monotonic µs).
     pub started: u64,
     pub notify: (RawFd, PathBuf, Option<PathBuf>),
-    pub control: Option<(RawFd, PathBuf, Option<(u64, u64)>)>,
+    pub control: Option<ControlFd>,
     pub guardian: Option<(RawFd, i32)>,
     /// Listening sockets at fds 3..: (name, address).
     pub listeners: Vec<(String, String)>,
@@ -186,7 +190,8 @@ impl<'a> Rec<'a> {
 
     fn num<T: std::str::FromStr>(&self, k: &str) -> Result<T, String> {
         let v = self.raw(k)?;
-        v.parse().map_err(|_| format!("{} {k}={v:?} is not a number", self.kind))
+        v.parse()
+            .map_err(|_| format!("{} {k}={v:?} is not a number", self.kind))
     }
 
     fn opt_num<T: std::str::FromStr>(&self, k: &str) -> Result<Option<T>, String> {
@@ -243,7 +248,7 @@ impl Line {
         Line(kind.to_string())
     }
     fn v(mut self, k: &str, v: impl std::fmt::Display) -> Line {
-        self.0.push_str(&format!(" {k}={v}"));
+        let _ = write!(self.0, " {k}={v}");
         self
     }
     fn o(self, k: &str, v: Option<impl std::fmt::Display>) -> Line {
@@ -332,27 +337,27 @@ fn encode_version(version: u32, base: &Base, full: &str) -> String {
     }
     let mut out = format!("{MAGIC} {version}\n");
     out.push_str(&b);
-    out.push_str(&format!("E base {:016x}\n", checksum(&b)));
+    let _ = writeln!(out, "E base {:016x}", checksum(&b));
     out.push_str(full);
-    out.push_str(&format!("E full {:016x}\n", checksum(full)));
+    let _ = writeln!(out, "E full {:016x}", checksum(full));
     out
 }
 
-fn encode_full(s: &State, c: Clock) -> String {
-    let t = |i: Instant| c.usec(i);
+fn encode_full(st: &State, clock: Clock) -> String {
+    let t = |i: Instant| clock.usec(i);
     let ot = |i: Option<Instant>| i.map(t);
-    let mut o = String::new();
+    let mut out = String::new();
     let mut push = |l: Line| {
-        o.push_str(&l.0);
-        o.push('\n');
+        out.push_str(&l.0);
+        out.push('\n');
     };
-    let (phase, force_at, code) = match s.phase {
+    let (phase, force_at, code) = match st.phase {
         Phase::Idle => ("idle", None, 0),
         Phase::Starting => ("starting", None, 0),
         Phase::Running => ("running", None, 0),
         Phase::Stopping { force_at, code } => ("stopping", force_at, code),
     };
-    let (reload_at, reload_result) = match &s.last_reload {
+    let (reload_at, reload_result) = match &st.last_reload {
         None => (None, None),
         Some((at, Ok(g))) => (Some(t(*at)), Some(format!("ok:{g}"))),
         Some((at, Err(e))) => (Some(t(*at)), Some(format!("err:{}", escape(e.as_bytes())))),
@@ -362,22 +367,22 @@ fn encode_full(s: &State, c: Clock) -> String {
             .v("phase", phase)
             .o("force_at", ot(force_at))
             .v("code", code)
-            .v("generation", s.generation)
-            .v("last_generation", s.last_generation)
-            .s("last_status", s.last_status.as_bytes())
+            .v("generation", st.generation)
+            .v("last_generation", st.last_generation)
+            .s("last_status", st.last_status.as_bytes())
             .o("reload_at", reload_at)
             .o("reload_result", reload_result)
-            .o("last_busy", ot(s.last_busy))
-            .b("announced", s.announced)
-            .o("last_established", ot(s.last_established))
-            .b("ready_seen", s.ready_seen)
-            .v("hinted", s.hinted)
-            .o("recycle_retry_at", ot(s.recycle_retry_at))
-            .v("recycle_delay", us(s.recycle_delay))
-            .o("memory_sample_at", ot(s.memory_sample_at))
-            .v("seed", s.seed),
+            .o("last_busy", ot(st.last_busy))
+            .b("announced", st.announced)
+            .o("last_established", ot(st.last_established))
+            .b("ready_seen", st.ready_seen)
+            .v("hinted", st.hinted)
+            .o("recycle_retry_at", ot(st.recycle_retry_at))
+            .v("recycle_delay", us(st.recycle_delay))
+            .o("memory_sample_at", ot(st.memory_sample_at))
+            .v("seed", st.seed),
     );
-    if let Some(p) = s.accept_probe {
+    if let Some(p) = st.accept_probe {
         push(
             Line::new("P")
                 .v("generation", p.generation)
@@ -394,7 +399,7 @@ fn encode_full(s: &State, c: Clock) -> String {
             ts.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
         }
     };
-    if let Some(r) = &s.reload {
+    if let Some(r) = &st.reload {
         let (kind, slot) = match r.kind {
             ReloadKind::Surge => ("surge", None),
             ReloadKind::Rolling { slot } => ("rolling", Some(slot)),
@@ -408,7 +413,7 @@ fn encode_full(s: &State, c: Clock) -> String {
                 .v("tickets", tickets(&r.tickets)),
         );
     }
-    if let Some(q) = &s.queued {
+    if let Some(q) = &st.queued {
         push(
             Line::new("Q")
                 .b("rolling", q.rolling)
@@ -419,7 +424,7 @@ fn encode_full(s: &State, c: Clock) -> String {
         RecycleReason::Memory { rss, limit } => format!("memory:{rss}:{limit}"),
         RecycleReason::Age { age, limit } => format!("age:{}:{}", us(age), us(limit)),
     };
-    if let Some(r) = s.recycle {
+    if let Some(r) = st.recycle {
         push(
             Line::new("Y")
                 .v("slot", r.slot)
@@ -430,7 +435,7 @@ fn encode_full(s: &State, c: Clock) -> String {
                 .v("started", t(r.started)),
         );
     }
-    for k in &s.slots {
+    for k in &st.slots {
         let exit = k.last_exit.map(|e| match e {
             ExitKind::Code(c) => format!("code:{c}"),
             ExitKind::Signal(n) => format!("signal:{n}"),
@@ -448,7 +453,7 @@ fn encode_full(s: &State, c: Clock) -> String {
                 .o("recycled_why", k.last_recycle.map(|(_, r)| reason(r))),
         );
     }
-    for w in &s.workers {
+    for w in &st.workers {
         let (phase, a, b) = match w.phase {
             WorkerPhase::Starting { deadline, ready_at } => {
                 ("starting", Some(t(deadline)), ot(ready_at))
@@ -476,11 +481,11 @@ fn encode_full(s: &State, c: Clock) -> String {
                 .v("rss_over", w.rss_over),
         );
     }
-    o
+    out
 }
 
 /// Splits off one section: its lines up to `E NAME CHECKSUM`, verified.
-fn section<'a>(lines: &mut std::str::Lines<'a>, name: &str) -> Result<String, String> {
+fn section(lines: &mut std::str::Lines<'_>, name: &str) -> Result<String, String> {
     let mut text = String::new();
     for line in lines.by_ref() {
         if let Some(sum) = line.strip_prefix(&format!("E {name} ")) {
@@ -663,8 +668,10 @@ pub fn decode_full(text: &str, cfg: Config, clock: Clock) -> Result<State, Strin
                         if let Some(g) = v.strip_prefix("ok:") {
                             Ok(g.parse().map_err(|_| "bad reload_result")?)
                         } else if let Some(e) = v.strip_prefix("err:") {
-                            Err(String::from_utf8_lossy(&unescape(e).ok_or("bad reload_result")?)
-                                .into_owned())
+                            Err(
+                                String::from_utf8_lossy(&unescape(e).ok_or("bad reload_result")?)
+                                    .into_owned(),
+                            )
                         } else {
                             return Err("bad reload_result".into());
                         },
@@ -725,9 +732,7 @@ pub fn decode_full(text: &str, cfg: Config, clock: Clock) -> Result<State, Strin
                     None => None,
                     Some(v) => Some(match v.split_once(':') {
                         Some(("code", n)) => ExitKind::Code(n.parse().map_err(|_| "bad exit")?),
-                        Some(("signal", n)) => {
-                            ExitKind::Signal(n.parse().map_err(|_| "bad exit")?)
-                        }
+                        Some(("signal", n)) => ExitKind::Signal(n.parse().map_err(|_| "bad exit")?),
                         _ => return Err(format!("bad last_exit {v:?}")),
                     }),
                 };
@@ -788,7 +793,11 @@ pub fn decode_full(text: &str, cfg: Config, clock: Clock) -> Result<State, Strin
             state.cfg.workers
         ));
     }
-    if state.workers.iter().any(|w| w.slot >= state.cfg.workers && !stopping(w)) {
+    if state
+        .workers
+        .iter()
+        .any(|w| w.slot >= state.cfg.workers && !stopping(w))
+    {
         return Err("a live worker's slot is out of range".into());
     }
     Ok(state)
@@ -802,7 +811,9 @@ fn stopping(w: &Worker) -> bool {
 /// texts are interned, so repeated upgrades do not grow memory.
 fn static_reason(s: String) -> &'static str {
     static SEEN: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
-    let mut seen = SEEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut seen = SEEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some(r) = seen.iter().find(|r| **r == s) {
         return r;
     }
@@ -881,7 +892,8 @@ pub fn to_memfd(text: &str) -> std::io::Result<OwnedFd> {
 pub fn read_fd(fd: RawFd) -> Result<String, String> {
     let owned = sys::adopt_fd(fd).map_err(|e| format!("cannot take the snapshot's fd: {e}"))?;
     let mut f = std::fs::File::from(owned);
-    f.rewind().map_err(|e| format!("cannot rewind fd {fd}: {e}"))?;
+    f.rewind()
+        .map_err(|e| format!("cannot rewind fd {fd}: {e}"))?;
     let mut text = String::new();
     f.take(MAX_SNAPSHOT)
         .read_to_string(&mut text)
@@ -931,10 +943,13 @@ pub fn target_binary(requested: Option<&Path>) -> Result<PathBuf, String> {
         Some(p) => p.to_path_buf(),
         None => current_binary()?,
     };
-    let meta = std::fs::metadata(&path)
-        .map_err(|e| format!("cannot execute {}: {e}", path.display()))?;
+    let meta =
+        std::fs::metadata(&path).map_err(|e| format!("cannot execute {}: {e}", path.display()))?;
     if !meta.is_file() {
-        return Err(format!("cannot execute {}: not a regular file", path.display()));
+        return Err(format!(
+            "cannot execute {}: not a regular file",
+            path.display()
+        ));
     }
     if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o111 == 0 {
         return Err(format!(
@@ -957,6 +972,7 @@ pub fn current_binary() -> Result<PathBuf, String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unchecked_time_subtraction)]
 mod tests {
     use super::*;
     use crate::config::{ReadyMode, RestartDelay};
@@ -1009,7 +1025,10 @@ mod tests {
         s.generation = 2;
         s.last_generation = 3;
         s.last_status = "2 workers ready, reloading".into();
-        s.last_reload = Some((now - Duration::from_secs(30), Err("no READY=1 in 60s".into())));
+        s.last_reload = Some((
+            now - Duration::from_secs(30),
+            Err("no READY=1 in 60s".into()),
+        ));
         s.announced = true;
         s.ready_seen = true;
         s.hinted = 3;
@@ -1133,7 +1152,10 @@ mod tests {
         assert_eq!(back.generation, 2);
         assert_eq!(back.last_generation, 3);
         assert_eq!(back.reload.as_ref().unwrap().tickets, vec![5, 6]);
-        assert_eq!(back.reload.as_ref().unwrap().kind, ReloadKind::Rolling { slot: 1 });
+        assert_eq!(
+            back.reload.as_ref().unwrap().kind,
+            ReloadKind::Rolling { slot: 1 }
+        );
         assert!(back.queued.as_ref().unwrap().tickets.is_empty());
         assert_eq!(back.recycle.unwrap().reason, state.recycle.unwrap().reason);
         assert_eq!(back.slots[0].last_exit, Some(ExitKind::Signal(9)));
@@ -1146,12 +1168,18 @@ mod tests {
             back.slots[1].last_recycle.unwrap().0,
             state.slots[1].last_recycle.unwrap().0
         ));
-        assert_eq!(back.last_reload.as_ref().unwrap().1, Err("no READY=1 in 60s".into()));
+        assert_eq!(
+            back.last_reload.as_ref().unwrap().1,
+            Err("no READY=1 in 60s".into())
+        );
         for (a, b) in back.workers.iter().zip(&state.workers) {
             assert_eq!((a.slot, a.generation, a.pid), (b.slot, b.generation, b.pid));
             assert_eq!(a.status, b.status);
             assert_eq!(a.stop_reason, b.stop_reason);
-            assert_eq!((a.rss, a.rss_over, a.was_ready), (b.rss, b.rss_over, b.was_ready));
+            assert_eq!(
+                (a.rss, a.rss_over, a.was_ready),
+                (b.rss, b.rss_over, b.was_ready)
+            );
             assert!(close(a.started, b.started));
             match (a.phase, b.phase) {
                 (
@@ -1238,8 +1266,16 @@ mod tests {
         assert!(snap.full.unwrap_err().contains("corrupt"));
         assert_eq!(snap.base.workers.len(), 3);
         let damaged = text.replacen("pid=101", "pid=999", 1);
-        assert!(decode(&damaged).unwrap_err().contains("base section is corrupt"));
-        assert!(decode("garbage\n").unwrap_err().contains("not a clusterctl"));
+        assert!(
+            decode(&damaged)
+                .unwrap_err()
+                .contains("base section is corrupt")
+        );
+        assert!(
+            decode("garbage\n")
+                .unwrap_err()
+                .contains("not a clusterctl")
+        );
         assert!(decode("").is_err());
     }
 
@@ -1248,11 +1284,27 @@ mod tests {
         let clock = Clock::now();
         let text = encode(&base(), &busy_state(clock.now), clock);
         let cut_full = &text[..text.len() - 10];
-        assert!(decode(cut_full).unwrap().full.unwrap_err().contains("checksum"));
+        assert!(
+            decode(cut_full)
+                .unwrap()
+                .full
+                .unwrap_err()
+                .contains("checksum")
+        );
         let at_base_end = text.find("E base").unwrap();
-        assert!(decode(&text[..at_base_end]).unwrap_err().contains("truncated"));
+        assert!(
+            decode(&text[..at_base_end])
+                .unwrap_err()
+                .contains("truncated")
+        );
         let no_full_end = &text[..text.find("E full").unwrap()];
-        assert!(decode(no_full_end).unwrap().full.unwrap_err().contains("truncated"));
+        assert!(
+            decode(no_full_end)
+                .unwrap()
+                .full
+                .unwrap_err()
+                .contains("truncated")
+        );
     }
 
     #[test]
@@ -1281,7 +1333,15 @@ mod tests {
     #[test]
     fn resume_argv_goes_after_run_and_replaces_an_old_one() {
         let a = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
-        let argv = a(&["clusterctl", "run", "--workers", "2", "--", "run", "--resume-from=1"]);
+        let argv = a(&[
+            "clusterctl",
+            "run",
+            "--workers",
+            "2",
+            "--",
+            "run",
+            "--resume-from=1",
+        ]);
         assert_eq!(
             resume_argv(&argv, 7).unwrap(),
             a(&[

@@ -136,20 +136,28 @@ pub fn run(args: RunArgs) -> Result<u8> {
     let control = match adopted {
         Some(c) => c,
         None => match args.control.clone().or_else(ControlSocket::default_path) {
-        Some(path) => Some(ControlSocket::bind(&path)?),
-        // Run by hand: a control socket of its own, found by `clusterctl status`.
-        None => match ControlSocket::bind_by_hand(&program) {
-            Ok(c) => Some(c),
-            Err(e) => {
-                tracing::warn!("no control socket ({e}); give --control PATH to have one");
-                None
-            }
-        },
+            Some(path) => Some(ControlSocket::bind(&path)?),
+            // Run by hand: a control socket of its own, found by `clusterctl status`.
+            None => match ControlSocket::bind_by_hand(&program) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!("no control socket ({e}); give --control PATH to have one");
+                    None
+                }
+            },
         },
     };
     let rolling = args.opts.reload_strategy == crate::cli::ReloadStrategy::Rolling;
     let notify = resume.as_mut().and_then(|r| r.notify.take());
-    let mut sup = Executor::new(cfg, listeners, program, args.command, control, rolling, notify)?;
+    let mut sup = Executor::new(
+        cfg,
+        listeners,
+        program,
+        args.command,
+        control,
+        rolling,
+        notify,
+    )?;
     sup.guardian = guardian;
     if let Some(r) = resume {
         r.apply(&mut sup);

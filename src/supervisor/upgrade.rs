@@ -90,7 +90,8 @@ impl Resume {
             b.listeners.iter().map(|l| l.1.clone()).collect(),
             b.created_paths.clone(),
         );
-        let notify = NotifySocket::adopt(adopt(b.notify.0)?, b.notify.1.clone(), b.notify.2.clone());
+        let notify =
+            NotifySocket::adopt(adopt(b.notify.0)?, b.notify.1.clone(), b.notify.2.clone());
         let control = match &b.control {
             Some((fd, path, id)) => Some(ControlSocket::adopt(adopt(*fd)?, path.clone(), *id)),
             None => None,
@@ -131,7 +132,10 @@ impl Resume {
             .and_then(|text| handover::decode_full(&text, cfg.clone(), clock));
         let (state, fallback) = match full {
             Ok(state) => (state, None),
-            Err(why) => (handover::state_from_base(base, cfg, Instant::now()), Some(why)),
+            Err(why) => (
+                handover::state_from_base(base, cfg, Instant::now()),
+                Some(why),
+            ),
         };
         sup.state = state;
         sup.next_ticket = base.next_ticket;
@@ -141,9 +145,11 @@ impl Resume {
             if fallback.is_some() {
                 sup.reply(
                     stream,
-                    Err("clusterctl was upgraded meanwhile to a binary that could not read the \
+                    Err(
+                        "clusterctl was upgraded meanwhile to a binary that could not read the \
                          reload's state; its outcome is unknown (see `clusterctl status`)"
-                        .into()),
+                            .into(),
+                    ),
                 );
             } else {
                 sup.waiting.push((ticket, stream));
@@ -175,7 +181,10 @@ impl Executor {
                 return refuse(
                     self,
                     req.stream,
-                    format!("{e}; the supervisor keeps running (clusterctl {})", handover::version()),
+                    format!(
+                        "{e}; the supervisor keeps running (clusterctl {})",
+                        handover::version()
+                    ),
                 );
             }
         };
@@ -202,7 +211,10 @@ impl Executor {
                 .control
                 .as_ref()
                 .map(|c| (c.as_fd().as_raw_fd(), c.path().to_path_buf(), c.file_id())),
-            guardian: self.guardian.as_ref().map(|g| (g.pipe_fd(), g.pid().as_raw())),
+            guardian: self
+                .guardian
+                .as_ref()
+                .map(|g| (g.pipe_fd(), g.pid().as_raw())),
             listeners: self
                 .listeners
                 .names
@@ -230,7 +242,11 @@ impl Executor {
         let memfd = match handover::to_memfd(&text) {
             Ok(f) => f,
             Err(e) => {
-                return refuse(self, req.stream, format!("cannot write the hand-over state: {e}"));
+                return refuse(
+                    self,
+                    req.stream,
+                    format!("cannot write the hand-over state: {e}"),
+                );
             }
         };
         let argv: Vec<_> = std::env::args_os().collect();
@@ -238,7 +254,9 @@ impl Executor {
             Ok(a) => a,
             Err(e) => return refuse(self, req.stream, e),
         };
-        let mut keep: Vec<RawFd> = (0..n).map(|i| 3 + RawFd::try_from(i).unwrap_or(0)).collect();
+        let mut keep: Vec<RawFd> = (0..n)
+            .map(|i| 3 + RawFd::try_from(i).unwrap_or(0))
+            .collect();
         keep.push(memfd.as_raw_fd());
         keep.push(base.notify.0);
         keep.extend(base.control.as_ref().map(|c| c.0));
@@ -313,6 +331,24 @@ impl Executor {
             self.next_ping = Some(Instant::now() + interval / 2);
         }
         self.reap();
+        // A worker reaped by something else that ran in this pid (a wrapper script given
+        // as --binary) is gone without an exit status for us: it is handled as lost.
+        let vanished: Vec<Pid> = self
+            .state
+            .workers
+            .iter()
+            .map(|w| w.pid)
+            .filter(|p| !sys::is_child(*p))
+            .collect();
+        for pid in vanished {
+            tracing::warn!(
+                "worker pid {pid} was reaped during the upgrade by another program in this                  process (a wrapper given as --binary?): its exit status is unknown"
+            );
+            self.dispatch(Event::Exited {
+                pid,
+                how: super::event::ExitKind::Code(-1),
+            });
+        }
         // STATUS= is sent again from the state machine's own status line.
         self.state.last_status.clear();
         self.dispatch(Event::Tick);

@@ -1,0 +1,333 @@
+//! `clusterctl upgrade` outside systemd (issue 15, part 2): the supervisor re-executes a
+//! clusterctl binary in the same pid and keeps its workers. What differs between the two
+//! "builds" here: the binary's path (a copy of the test binary), which `status` and the
+//! upgrade's answer report; the code is the same. The hand-over format's own rules
+//! (round trip, unknown version, corrupt and truncated snapshots) are unit tests in
+//! src/supervisor/handover.rs. A damaged snapshot is made here by a wrapper script given
+//! as `--binary`: it rewrites the inherited memfd, then execs the real binary.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::run::pyworker;
+use crate::support::cluster::{
+    FakeSystemd, Run, Supervisor, TempDir, alive, clusterctl, free_port, http_get, wait_for_or,
+};
+use crate::support::load::Load;
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+/// The supervisor's live workers, from `/proc` (not its guardian, `cluster-guard`).
+fn workers(sup: &Supervisor) -> Vec<i32> {
+    let pid = sup.pid();
+    let mut v: Vec<i32> = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .expect("/proc/PID/task/TID/children (CONFIG_PROC_CHILDREN)")
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .filter(|p| alive(*p))
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .is_ok_and(|c| c.trim() != "cluster-guard")
+        })
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+fn start(dir: &TempDir, port: u16, n: u32, env: &[(&str, &str)]) -> Supervisor {
+    let py = pyworker();
+    let mut run = Run::new(dir).args(&[
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--workers",
+        &n.to_string(),
+        "--",
+        &py[0],
+        &py[1],
+    ]);
+    for (k, v) in env {
+        run = run.env(k, v);
+    }
+    let sup = run.spawn_raw();
+    sup.wait_log(&format!("all {n} workers ready"));
+    wait_for_or(
+        SECS(20),
+        || (workers(&sup).len() == n as usize).then_some(()),
+        || format!("{n} workers\n{}", sup.log()),
+    );
+    sup
+}
+
+/// A copy of the clusterctl binary at another path: the "new build".
+fn copy_binary(dir: &TempDir, name: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::copy(clusterctl(), &p).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+fn script(dir: &TempDir, name: &str, body: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, format!("#!/bin/sh\nset -e\n{body}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+/// Shell that finds the snapshot's fd in the new image's arguments.
+const FIND_FD: &str = r#"fd=""; for a in "$@"; do case "$a" in --resume-from=*) fd="${a#--resume-from=}";; esac; done
+test -n "$fd""#;
+
+fn binary_line(sup: &Supervisor) -> String {
+    let (code, out, err) = sup.ctl(&["status"]);
+    assert_eq!(code, 0, "status: {err}");
+    out.lines()
+        .find(|l| l.starts_with("binary:"))
+        .unwrap_or_else(|| panic!("no binary: line in\n{out}"))
+        .to_string()
+}
+
+fn upgrade(sup: &Supervisor, binary: &Path) -> (i32, String, String) {
+    sup.ctl(&["upgrade", "--wait", "--binary", binary.to_str().unwrap()])
+}
+
+#[test]
+fn upgrade_under_load_keeps_the_workers_and_the_pid() {
+    let dir = TempDir::new("upgrade-load");
+    let port = free_port();
+    let fake = FakeSystemd::new(&dir);
+    // A long watchdog interval: the next ping is the one sent right after resuming.
+    let sup = start(
+        &dir,
+        port,
+        3,
+        &[
+            ("NOTIFY_SOCKET", fake.path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "120000000"),
+        ],
+    );
+    fake.until("READY=1", SECS(20));
+    let before = workers(&sup);
+    assert!(binary_line(&sup).contains(clusterctl().to_str().unwrap()));
+    let next = copy_binary(&dir, "clusterctl-next");
+    let load = Load::start(port, 2, 2, SECS(90), 10_000_000);
+    load.wait_progress(50);
+    let (code, out, err) = upgrade(&sup, &next);
+    assert_eq!(code, 0, "upgrade: {out}{err}\n{}", sup.log());
+    assert!(out.contains("upgraded to clusterctl"), "{out}");
+    assert!(out.contains(next.to_str().unwrap()), "{out}");
+    // Systemd hears from the same pid: a watchdog ping and the status, right away.
+    let after_upgrade = fake.until("WATCHDOG=1", SECS(10));
+    assert!(
+        after_upgrade.iter().all(|(pid, _)| *pid == sup.pid()),
+        "{after_upgrade:?}"
+    );
+    assert_eq!(sup.child.id(), u32::try_from(sup.pid()).unwrap());
+    assert!(alive(sup.pid()));
+    assert_eq!(
+        workers(&sup),
+        before,
+        "no worker was replaced\n{}",
+        sup.log()
+    );
+    assert!(
+        binary_line(&sup).contains(next.to_str().unwrap()),
+        "{}",
+        binary_line(&sup)
+    );
+    load.wait_progress(load.ok() + 50);
+    // Upgrade again, back to the first binary (the answer names it), then reload: the
+    // resumed supervisor still runs generations as before.
+    let (code, out, err) = upgrade(&sup, &clusterctl());
+    assert_eq!(code, 0, "second upgrade: {out}{err}\n{}", sup.log());
+    assert_eq!(workers(&sup), before);
+    let (code, out, err) = sup.ctl(&["reload", "--wait"]);
+    assert_eq!(code, 0, "reload after upgrades: {out}{err}\n{}", sup.log());
+    load.wait_progress(load.ok() + 50);
+    let summary = load.finish();
+    assert_eq!(
+        summary.failed,
+        0,
+        "{}\n{:?}",
+        summary.describe(),
+        summary.errors
+    );
+    let after = workers(&sup);
+    assert_eq!(after.len(), 3);
+    assert!(
+        after.iter().all(|p| !before.contains(p)),
+        "the reload replaced all"
+    );
+    assert!(
+        sup.log().matches("upgrade: resumed as clusterctl").count() == 2,
+        "{}",
+        sup.log()
+    );
+}
+
+#[test]
+fn upgrade_without_wait_answers_before_the_exec() {
+    let dir = TempDir::new("upgrade-nowait");
+    let port = free_port();
+    let sup = start(&dir, port, 2, &[]);
+    let before = workers(&sup);
+    let next = copy_binary(&dir, "clusterctl-next");
+    let (code, out, err) = sup.ctl(&["upgrade", "--binary", next.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("upgrading: executing"), "{out}");
+    sup.wait_log("upgrade: resumed as clusterctl");
+    wait_for_or(
+        SECS(10),
+        || {
+            binary_line(&sup)
+                .contains(next.to_str().unwrap())
+                .then_some(())
+        },
+        || binary_line(&sup),
+    );
+    assert_eq!(workers(&sup), before);
+}
+
+#[test]
+fn a_binary_that_cannot_run_fails_the_upgrade_and_the_service_keeps_serving() {
+    let dir = TempDir::new("upgrade-bad");
+    let port = free_port();
+    let sup = start(&dir, port, 2, &[]);
+    let before = workers(&sup);
+    let garbage = dir.join("not-an-executable");
+    std::fs::write(&garbage, "\x01\x02 garbage").unwrap();
+    std::fs::set_permissions(&garbage, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let no_x = dir.join("no-exec-bit");
+    std::fs::copy(clusterctl(), &no_x).unwrap();
+    std::fs::set_permissions(&no_x, std::fs::Permissions::from_mode(0o644)).unwrap();
+    for (binary, why) in [
+        (PathBuf::from("/nonexistent/clusterctl"), "No such file"),
+        (no_x, "Permission denied"),
+        // Passes the checks; execve itself fails (ENOEXEC): the old image goes on.
+        (garbage, "Exec format error"),
+    ] {
+        let (code, out, err) = upgrade(&sup, &binary);
+        assert_eq!(code, 1, "{}: {out}{err}", binary.display());
+        assert!(err.contains(why), "{why:?} in {err}");
+        assert!(err.contains("keeps running"), "{err}");
+        assert_eq!(workers(&sup), before);
+        http_get(port, "/").unwrap();
+    }
+    assert!(binary_line(&sup).contains(clusterctl().to_str().unwrap()));
+    let (code, _, err) = sup.ctl(&["reload", "--wait"]);
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn a_snapshot_the_new_binary_cannot_fully_read_keeps_the_workers() {
+    let dir = TempDir::new("upgrade-damaged");
+    let port = free_port();
+    let sup = start(&dir, port, 2, &[]);
+    let before = workers(&sup);
+    let real = clusterctl();
+    let edits = [
+        // An unknown format version: only the base section is read.
+        (
+            "unknown-version",
+            r"s/^clusterctl-handover 1$/clusterctl-handover 99/",
+        ),
+        // A damaged full section (its checksum no longer matches).
+        ("corrupt-full", r"s/ phase=ready / phase=rEady /"),
+    ];
+    for (name, sed) in edits {
+        let wrapper = script(
+            &dir,
+            name,
+            &format!(
+                "{FIND_FD}\nsed '{sed}' /proc/self/fd/$fd > {tmp}\ncat {tmp} > /proc/self/fd/$fd\n\
+                 exec {real} \"$@\"",
+                tmp = dir.join(&format!("{name}.txt")).display(),
+                real = real.display()
+            ),
+        );
+        let (code, out, err) = upgrade(&sup, &wrapper);
+        assert_eq!(code, 0, "{name}: {out}{err}\n{}", sup.log());
+        assert!(out.contains("from the base state only"), "{name}: {out}");
+        let text = std::fs::read_to_string(dir.join(&format!("{name}.txt"))).unwrap();
+        assert!(text.starts_with("clusterctl-handover"), "{text}");
+        assert_eq!(workers(&sup), before, "{name}\n{}", sup.log());
+        http_get(port, "/").unwrap();
+    }
+    assert!(
+        sup.log()
+            .contains("resumed from the base hand-over state only")
+    );
+    assert!(sup.log().contains("format 99"), "{}", sup.log());
+    assert!(sup.log().contains("corrupt"), "{}", sup.log());
+    // Still a working supervisor: a reload replaces the adopted workers.
+    let (code, out, err) = sup.ctl(&["reload", "--wait"]);
+    assert_eq!(code, 0, "{out}{err}\n{}", sup.log());
+    wait_for_or(
+        SECS(20),
+        || {
+            let now = workers(&sup);
+            (now.len() == 2 && now.iter().all(|p| !before.contains(p))).then_some(())
+        },
+        || format!("old workers gone\n{}", sup.log()),
+    );
+}
+
+#[test]
+fn a_worker_that_exits_during_the_exec_is_reaped_and_refilled() {
+    let dir = TempDir::new("upgrade-exit");
+    let port = free_port();
+    let sup = start(&dir, port, 3, &[]);
+    // Round 1: the worker is killed while no clusterctl image runs at all (between the
+    // old image's execve and the new one's); the wrapper waits, with shell builtins only
+    // (no child of its own to wait for), until it is a zombie: the new image reaps it.
+    // Round 2: the wrapper runs a program, so the shell reaps every child, the killed
+    // worker too: the new image finds it gone and handles it as lost.
+    for (round, reaped_by_shell) in [(1, false), (2, true)] {
+        let before = workers(&sup);
+        let victim = before[1];
+        let wait = if reaped_by_shell {
+            format!("while kill -0 {victim} 2>/dev/null; do /bin/true; done")
+        } else {
+            format!(
+                "i=0; while [ $i -lt 1000000 ]; do\n\
+                 while IFS= read -r l; do case \"$l\" in State:*Z*) break 2;; esac; done \
+                 < /proc/{victim}/status\ni=$((i+1)); done"
+            )
+        };
+        let wrapper = script(
+            &dir,
+            &format!("kill-then-exec-{round}"),
+            &format!(
+                "kill -KILL {victim}\n{wait}\nexec {} \"$@\"",
+                clusterctl().display()
+            ),
+        );
+        let (code, out, err) = upgrade(&sup, &wrapper);
+        assert_eq!(code, 0, "round {round}: {out}{err}\n{}", sup.log());
+        wait_for_or(
+            SECS(20),
+            || {
+                let now = workers(&sup);
+                (now.len() == 3 && !now.contains(&victim)).then_some(now)
+            },
+            || format!("round {round}: slot refilled\n{}", sup.log()),
+        );
+        let now = workers(&sup);
+        assert_eq!(now.iter().filter(|p| before.contains(p)).count(), 2);
+        let log = sup.log();
+        let seen = |l: &&str| {
+            if reaped_by_shell {
+                l.contains(&format!(
+                    "worker pid {victim} was reaped during the upgrade"
+                ))
+            } else {
+                l.contains("signal SIGKILL") && l.contains(&format!("pid {victim}"))
+            }
+        };
+        assert!(
+            log.lines().any(|l| seen(&l)),
+            "round {round}: exit of {victim} in\n{log}"
+        );
+        http_get(port, "/").unwrap();
+    }
+}
