@@ -331,3 +331,155 @@ fn a_worker_that_exits_during_the_exec_is_reaped_and_refilled() {
         http_get(port, "/").unwrap();
     }
 }
+
+/// Under real systemd (252 and 257): `v252::upgrade_under_systemd_…`, `v257::…`.
+mod v252 {
+    #[test]
+    fn upgrade_under_systemd_keeps_mainpid_workers_and_watchdog() {
+        super::under_systemd(super::Version::V252);
+    }
+}
+mod v257 {
+    #[test]
+    fn upgrade_under_systemd_keeps_mainpid_workers_and_watchdog() {
+        super::under_systemd(super::Version::V257);
+    }
+}
+
+use crate::support::systemd::{Systemd, Version};
+
+fn inside(sd: &Systemd, argv: &[&str]) -> String {
+    let out = sd.run(argv);
+    assert!(
+        out.status.success(),
+        "{argv:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The worker pids in `status --json`, sorted.
+fn json_worker_pids(json: &str) -> Vec<u64> {
+    let workers = &json[json
+        .find("\"workers\":[")
+        .expect("workers in status --json")..];
+    let mut pids: Vec<u64> = workers
+        .split("\"pid\":")
+        .skip(1)
+        .filter_map(|s| s.split([',', '}']).next()?.parse().ok())
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+fn under_systemd(version: Version) {
+    let Some(sd) = Systemd::boot_version(version) else {
+        return;
+    };
+    let port = free_port();
+    let bin = Systemd::path(&clusterctl());
+    let worker = Systemd::path(&crate::support::cluster::example("worker"));
+    let listen = format!("127.0.0.1:{port}");
+    inside(
+        &sd,
+        &[
+            &bin,
+            "gen-units",
+            "uapp",
+            "-o",
+            "/etc/systemd/system",
+            "--listen",
+            &listen,
+            "--workers",
+            "3",
+            "--watchdog",
+            "2s",
+            "--",
+            &worker,
+        ],
+    );
+    sd.systemctl_ok(&["daemon-reload"]);
+    sd.systemctl_ok(&["start", "uapp.socket"]);
+    wait_for_or(
+        SECS(30),
+        || http_get(port, "/").ok(),
+        || "first answer".into(),
+    );
+    sd.wait_for("uapp to be active", SECS(30), || {
+        sd.unit_property("uapp.service", "ActiveState") == "active"
+    });
+    let main = sd.unit_property("uapp.service", "MainPID");
+    let before = json_worker_pids(&inside(&sd, &[&bin, "status", "--json", "uapp"]));
+    assert_eq!(before.len(), 3);
+    // The "new build": a copy of the binary at another path.
+    inside(&sd, &["cp", &bin, "/usr/local/bin/clusterctl-next"]);
+    let load = Load::start(port, 2, 2, SECS(120), 10_000_000);
+    load.wait_progress(100);
+    let started = std::time::Instant::now();
+    let out = inside(
+        &sd,
+        &[
+            &bin,
+            "upgrade",
+            "uapp",
+            "--wait",
+            "--binary",
+            "/usr/local/bin/clusterctl-next",
+        ],
+    );
+    let took = started.elapsed();
+    assert!(out.contains("/usr/local/bin/clusterctl-next"), "{out}");
+    let json = inside(
+        &sd,
+        &["/usr/local/bin/clusterctl-next", "status", "--json", "uapp"],
+    );
+    assert!(
+        json.contains("\"binary\":\"/usr/local/bin/clusterctl-next\""),
+        "{json}"
+    );
+    assert_eq!(sd.unit_property("uapp.service", "MainPID"), main);
+    assert_eq!(json_worker_pids(&json), before, "no worker was replaced");
+    // Three watchdog intervals of traffic after the upgrade: the watchdog must not fire.
+    let observe = std::time::Instant::now() + SECS(6);
+    let mut seen = load.ok();
+    wait_for_or(
+        SECS(30),
+        || {
+            load.wait_progress(seen + 20);
+            seen = load.ok();
+            (std::time::Instant::now() >= observe).then_some(())
+        },
+        || "traffic for 6 s".into(),
+    );
+    assert_eq!(sd.unit_property("uapp.service", "NRestarts"), "0");
+    assert_eq!(sd.unit_property("uapp.service", "ActiveState"), "active");
+    assert_eq!(sd.unit_property("uapp.service", "MainPID"), main);
+    // ExecReload= (clusterctl reload --wait) still works with the resumed supervisor.
+    let r = sd.systemctl(&["reload", "uapp"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    wait_for_or(
+        SECS(30),
+        || {
+            let json = inside(&sd, &[&bin, "status", "--json", "uapp"]);
+            let now = json_worker_pids(&json);
+            (!json.contains("\"draining\"")
+                && now.len() == 3
+                && now.iter().all(|p| !before.contains(p)))
+            .then_some(())
+        },
+        || "the reload to replace the workers".into(),
+    );
+    let s = load.finish();
+    assert_eq!(s.failed, 0, "{}\n{:?}", s.describe(), s.errors);
+    let journal = sd.journal(&["-u", "uapp", "-o", "cat"]);
+    assert!(
+        journal.contains("upgrade: resumed as clusterctl"),
+        "{journal}"
+    );
+    eprintln!(
+        "upgrade under systemd {version}: answered in {} ms; {}",
+        took.as_millis(),
+        s.describe()
+    );
+}
