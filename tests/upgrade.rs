@@ -166,7 +166,7 @@ fn upgrade_under_load_keeps_the_workers_and_the_pid() {
 }
 
 #[test]
-fn upgrade_without_wait_answers_before_the_exec() {
+fn upgrade_without_wait_answers_before_the_exec_and_finds_a_replaced_binary() {
     let dir = TempDir::new("upgrade-nowait");
     let port = free_port();
     let sup = start(&dir, port, 2, &[]);
@@ -185,6 +185,22 @@ fn upgrade_without_wait_answers_before_the_exec() {
         },
         || binary_line(&sup),
     );
+    assert_eq!(workers(&sup), before);
+    // A package upgrade replaces the file (rename over it): /proc/self/exe then names a
+    // deleted file, and `upgrade` without --binary executes the new file at that path.
+    let staged = copy_binary(&dir, "staged");
+    std::fs::rename(&staged, &next).unwrap();
+    let exe = std::fs::read_link(format!("/proc/{}/exe", sup.pid())).unwrap();
+    assert!(
+        exe.to_string_lossy().ends_with(" (deleted)"),
+        "{}",
+        exe.display()
+    );
+    let (code, out, err) = sup.ctl(&["upgrade", "--wait"]);
+    assert_eq!(code, 0, "{out}{err}\n{}", sup.log());
+    assert!(out.contains(next.to_str().unwrap()), "{out}");
+    let exe = std::fs::read_link(format!("/proc/{}/exe", sup.pid())).unwrap();
+    assert_eq!(exe, next, "runs the replaced file now");
     assert_eq!(workers(&sup), before);
 }
 
