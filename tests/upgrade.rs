@@ -67,9 +67,15 @@ fn copy_binary(dir: &TempDir, name: &str) -> PathBuf {
     p
 }
 
+/// A wrapper given as `--binary`: the supervisor's check (`BINARY upgrade --help`) goes
+/// straight to the real binary; the exec with `--resume-from` runs `body`.
 fn script(dir: &TempDir, name: &str, body: &str) -> PathBuf {
     let p = dir.join(name);
-    std::fs::write(&p, format!("#!/bin/sh\nset -e\n{body}\n")).unwrap();
+    let pass = format!(
+        "case \" $* \" in *\" --resume-from=\"*) ;; *) exec {} \"$@\";; esac",
+        clusterctl().display()
+    );
+    std::fs::write(&p, format!("#!/bin/sh\nset -e\n{pass}\n{body}\n")).unwrap();
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
     p
 }
@@ -216,11 +222,22 @@ fn a_binary_that_cannot_run_fails_the_upgrade_and_the_service_keeps_serving() {
     let no_x = dir.join("no-exec-bit");
     std::fs::copy(clusterctl(), &no_x).unwrap();
     std::fs::set_permissions(&no_x, std::fs::Permissions::from_mode(0o644)).unwrap();
+    // What an older clusterctl without `upgrade` says to `upgrade --help`.
+    let old_release = dir.join("old-release");
+    std::fs::write(
+        &old_release,
+        "#!/bin/sh\necho \"error: unrecognized subcommand 'upgrade'\" >&2\nexit 2\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&old_release, std::fs::Permissions::from_mode(0o755)).unwrap();
     for (binary, why) in [
         (PathBuf::from("/nonexistent/clusterctl"), "No such file"),
         (no_x, "Permission denied"),
-        // Passes the checks; execve itself fails (ENOEXEC): the old image goes on.
+        // Not a program: ENOEXEC, found by the check before the exec.
         (garbage, "Exec format error"),
+        // A program that is no clusterctl with `upgrade` (an old release would exit 2 on
+        // --resume-from and take the workers with it): refused before the exec.
+        (old_release, "cannot take over"),
     ] {
         let (code, out, err) = upgrade(&sup, &binary);
         assert_eq!(code, 1, "{}: {out}{err}", binary.display());

@@ -960,6 +960,48 @@ pub fn target_binary(requested: Option<&Path>) -> Result<PathBuf, String> {
     Ok(path)
 }
 
+/// Runs `BINARY upgrade --help` (at most 10 s): a binary that cannot start here (wrong
+/// architecture, a missing shared library) or predates `clusterctl upgrade` (it would
+/// reject `--resume-from` and exit, taking the workers with it) is refused before the
+/// exec. Blocks the event loop for as long as that takes (milliseconds); the workers serve
+/// meanwhile.
+pub fn preflight(binary: &Path) -> Result<(), String> {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(binary)
+        .args(["upgrade", "--help"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot execute {}: {e}", binary.display()))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match child.try_wait() {
+            Ok(Some(s)) if s.success() => return Ok(()),
+            Ok(Some(s)) => {
+                return Err(format!(
+                    "{} cannot take over (`{} upgrade --help` failed: {s}): is it a clusterctl \
+                     with `upgrade` support, for this machine?",
+                    binary.display(),
+                    binary.display()
+                ));
+            }
+            Ok(None) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "`{} upgrade --help` did not finish within 10s",
+                    binary.display()
+                ));
+            }
+            Err(e) => return Err(format!("cannot wait for {}: {e}", binary.display())),
+        }
+    }
+}
+
 /// The path of the running binary on disk.
 pub fn current_binary() -> Result<PathBuf, String> {
     let exe = std::fs::read_link("/proc/self/exe")

@@ -188,13 +188,19 @@ impl Executor {
                 );
             }
         };
+        if let Err(e) = handover::preflight(&binary) {
+            return refuse(
+                self,
+                req.stream,
+                format!(
+                    "{e}; the supervisor keeps running (clusterctl {})",
+                    handover::version()
+                ),
+            );
+        }
         let clock = Clock::now();
         let from_binary = handover::current_binary().unwrap_or_default();
-        let (client_fd, early) = if req.wait {
-            (Some(req.stream.as_raw_fd()), None)
-        } else {
-            (None, Some(req.stream.try_clone()))
-        };
+        let client_fd = req.wait.then(|| req.stream.as_raw_fd());
         let n = self.listeners.len();
         let base = Base {
             from_binary: from_binary.clone(),
@@ -263,9 +269,12 @@ impl Executor {
         keep.extend(base.guardian.map(|g| g.0));
         keep.extend(client_fd);
         keep.extend(base.waiting.iter().map(|w| w.1));
-        if let Some(Ok(early)) = early {
+        let mut client = Some(req.stream);
+        if !req.wait
+            && let Some(stream) = client.take()
+        {
             self.reply(
-                early,
+                stream,
                 Ok(format!(
                     "upgrading: executing {} in pid {} ({} workers keep running)",
                     binary.display(),
@@ -305,7 +314,9 @@ impl Executor {
             handover::version()
         );
         tracing::error!("upgrade failed: {why}");
-        self.reply(req.stream, Err(why));
+        if let Some(stream) = client {
+            self.reply(stream, Err(why));
+        }
     }
 
     /// The new image's first step: reap what exited during the exec, tell systemd
