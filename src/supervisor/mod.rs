@@ -348,6 +348,8 @@ impl Executor {
         if let Err(e) = sys::set_child_subreaper() {
             tracing::warn!("cannot become a child subreaper: {e}");
         }
+        // Handed over by `clusterctl upgrade`: this image resumes, it starts nothing.
+        let resuming = notify.is_some();
         let notify = match notify {
             Some(n) => n,
             None => NotifySocket::bind()?,
@@ -370,8 +372,9 @@ impl Executor {
             base_env.push(("WATCHDOG_USEC".into(), wd.as_micros().to_string().into()));
         }
         tracing::info!(
-            "supervisor pid {} starting {} worker(s) of {} on {}",
+            "supervisor pid {} {} {} worker(s) of {} on {}",
             std::process::id(),
+            if resuming { "resuming with" } else { "starting" },
             cfg.workers,
             program.display(),
             listeners
