@@ -374,7 +374,11 @@ impl Executor {
         tracing::info!(
             "supervisor pid {} {} {} worker(s) of {} on {}",
             std::process::id(),
-            if resuming { "resuming with" } else { "starting" },
+            if resuming {
+                "resuming with"
+            } else {
+                "starting"
+            },
             cfg.workers,
             program.display(),
             listeners
