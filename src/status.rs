@@ -341,16 +341,16 @@ impl Report {
         let mut o = String::from("{\"version\":1,");
         let _ = write!(
             o,
-            "\"supervisor\":{{\"pid\":{},\"uptime_seconds\":{},\"phase\":{},\"status\":{},\"generation\":{},\"workers_wanted\":{},\"log_lines_dropped\":{},\"binary\":{},\"version\":{}}},",
+            "\"supervisor\":{{\"pid\":{},\"uptime_seconds\":{},\"phase\":{},\"status\":{},\"generation\":{},\"workers_wanted\":{},\"binary\":{},\"version\":{},\"log_lines_dropped\":{}}},",
             self.pid,
             secs(self.uptime),
             jstr(self.phase),
             jstr(&self.status),
             self.generation,
             self.workers_wanted,
-            self.log_lines_dropped,
             jstr(&self.binary),
-            jstr(&self.version)
+            jstr(&self.version),
+            self.log_lines_dropped
         );
         o.push_str("\"sockets\":[");
         for (i, (n, a)) in self.sockets.iter().enumerate() {

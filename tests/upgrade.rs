@@ -295,8 +295,9 @@ fn a_snapshot_the_new_binary_cannot_fully_read_keeps_the_workers() {
     // Still a working supervisor: a reload replaces the adopted workers.
     let (code, out, err) = sup.ctl(&["reload", "--wait"]);
     assert_eq!(code, 0, "{out}{err}\n{}", sup.log());
+    // (A worker that does not drain is SIGKILLed after --stop-timeout, 30 s by default.)
     wait_for_or(
-        SECS(20),
+        SECS(60),
         || {
             let now = workers(&sup);
             (now.len() == 2 && now.iter().all(|p| !before.contains(p))).then_some(())
@@ -363,6 +364,65 @@ fn a_worker_that_exits_during_the_exec_is_reaped_and_refilled() {
         );
         http_get(port, "/").unwrap();
     }
+}
+
+#[test]
+fn a_reload_in_progress_and_its_waiting_client_survive_the_upgrade() {
+    let dir = TempDir::new("upgrade-reload");
+    let port = free_port();
+    let py = pyworker();
+    // --min-uptime keeps the reload running for a while after its workers are ready.
+    let sup = Run::new(&dir)
+        .args(&[
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--workers",
+            "2",
+            "--min-uptime",
+            "3s",
+            "--",
+            &py[0],
+            &py[1],
+        ])
+        .spawn_raw();
+    sup.wait_log("all 2 workers ready");
+    let control = sup.control.clone();
+    let waiter =
+        std::thread::spawn(move || crate::support::cluster::ctl(&["reload", "--wait"], &control));
+    wait_for_or(
+        SECS(20),
+        || {
+            let (_, json, _) = sup.ctl(&["status", "--json"]);
+            (json.contains("\"phase\":\"reloading\"")
+                && json.matches("\"generation\":2").count() >= 2)
+                .then_some(())
+        },
+        || format!("a reload with generation 2 running\n{}", sup.log()),
+    );
+    let next = copy_binary(&dir, "clusterctl-next");
+    let (code, out, err) = upgrade(&sup, &next);
+    assert_eq!(code, 0, "{out}{err}\n{}", sup.log());
+    assert!(!out.contains("base state only"), "{out}");
+    // The `reload --wait` client, handed over, gets the reload's outcome from the new image.
+    let (code, out, err) = waiter.join().unwrap();
+    assert_eq!(
+        code,
+        0,
+        "reload --wait across the upgrade: {out}{err}\n{}",
+        sup.log()
+    );
+    assert!(out.contains("generation 2 serving"), "{out}");
+    let (_, json, _) = sup.ctl(&["status", "--json"]);
+    assert!(json.contains("\"generation\":2"), "{json}");
+    assert!(json.contains("\"last_reload\":{"), "{json}");
+    wait_for_or(
+        SECS(20),
+        || {
+            let (_, json, _) = sup.ctl(&["status", "--json"]);
+            (!json.contains("\"generation\":1,")).then_some(())
+        },
+        || format!("the old generation gone\n{}", sup.log()),
+    );
 }
 
 /// Under real systemd (252 and 257): `v252::upgrade_under_systemd_…`, `v257::…`.
