@@ -1,8 +1,10 @@
-//! The command line: clap definitions only. Values are validated by the types in
-//! `config.rs`; turning them into a running supervisor happens in `supervisor/`.
+//! The command line: clap definitions only (the "low-level arguments"). Each value is
+//! checked alone by its type in `config.rs`; the rules between options and the derived
+//! values live in `settings/`, which turns `RunArgs` / `SupervisorOpts` into `Settings`.
 //!
 //! `SupervisorOpts` is flattened into both `run` and `gen-units`, so every supervisor option
-//! is spelled the same in both and `gen-units` can always render it into `ExecStart=`.
+//! is spelled the same in both and `gen-units` can always render it into `ExecStart=`
+//! (`Settings::to_args`, the only place options become argv again).
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -10,7 +12,10 @@ use std::path::PathBuf;
 use clap::builder::{PossibleValue, TypedValueParser};
 use clap::{Args, Parser, Subcommand, ValueEnum, ValueHint};
 
-use crate::config::{AgeLimit, Dur, ListenSpec, ReadyMode, RestartDelay, Sig, Size, Workers};
+use crate::config::{
+    AgeLimit, Dur, ListenSpec, LogRateLimit, ReadyMode, RestartDelay, Sig, Size, VersionArg,
+    Workers,
+};
 
 /// A value parser for a `FromStr` type that also lists typical values, so `--help` and the
 /// shell completions offer them (the type itself accepts more, e.g. any `after:DUR`).
@@ -79,6 +84,14 @@ const SIGNAL_VALUES: &[(&str, &str)] = &[
     ("WINCH", "graceful stop for Apache-style servers"),
 ];
 
+const SYSTEMD_VERSION_VALUES: &[(&str, &str)] = &[
+    ("auto", "ask `systemctl --version` on this machine"),
+    ("239", "RHEL 8, the oldest supported"),
+    ("252", "Debian 12"),
+    ("255", "Ubuntu 24.04"),
+    ("257", "Debian 13"),
+];
+
 #[derive(Debug, Parser)]
 #[command(
     name = "clusterctl",
@@ -101,8 +114,8 @@ pub enum Command {
     #[command(after_help = RUN_EXAMPLES)]
     Run(RunArgs),
     /// Render APP.socket and APP.service for this command
-    #[command(name = "gen-units", after_help = crate::units::GEN_UNITS_EXAMPLES)]
-    GenUnits(Box<crate::units::GenUnitsArgs>),
+    #[command(name = "gen-units", after_help = GEN_UNITS_EXAMPLES)]
+    GenUnits(Box<GenUnitsArgs>),
     /// Start a new worker generation on the same sockets, then drain the old one
     #[command(after_help = RELOAD_EXAMPLES)]
     Reload(ReloadArgs),
@@ -345,7 +358,7 @@ Workers receive LISTEN_FDS, LISTEN_PID (their own pid), LISTEN_FDNAMES, WORKER_I
 0-based), CLUSTER_WORKERS, CLUSTER_GENERATION and NOTIFY_SOCKET (the supervisor's).";
 
 /// Options of the supervisor that `gen-units` renders into `ExecStart=`.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, PartialEq, Eq, Args)]
 pub struct SupervisorOpts {
     /// Number of workers, or `auto` for one per CPU available to the process
     #[arg(long, value_name = "N|auto", default_value = "auto")]
@@ -402,72 +415,6 @@ pub struct SupervisorOpts {
     /// its own limit within 10% of 6h, so slots do not recycle together
     #[arg(long, value_name = "DUR[±P%]")]
     pub max_worker_age: Option<AgeLimit>,
-}
-
-impl SupervisorOpts {
-    /// The `clusterctl run` arguments that reproduce these options (defaults left out).
-    pub fn to_run_args(&self) -> Vec<String> {
-        let defaults = SupervisorOpts::default();
-        let mut out = Vec::new();
-        let mut push = |flag: &str, value: String, default: String| {
-            if value != default {
-                out.push(format!("--{flag}"));
-                out.push(value);
-            }
-        };
-        push(
-            "workers",
-            self.workers.to_string(),
-            defaults.workers.to_string(),
-        );
-        push("ready", self.ready.to_string(), defaults.ready.to_string());
-        push(
-            "ready-timeout",
-            self.ready_timeout.to_string(),
-            defaults.ready_timeout.to_string(),
-        );
-        push(
-            "restart-delay",
-            self.restart_delay.to_string(),
-            defaults.restart_delay.to_string(),
-        );
-        push(
-            "stop-signal",
-            self.stop_signal.to_string(),
-            defaults.stop_signal.to_string(),
-        );
-        push(
-            "stop-timeout",
-            self.stop_timeout.to_string(),
-            defaults.stop_timeout.to_string(),
-        );
-        push(
-            "min-uptime",
-            self.min_uptime.to_string(),
-            defaults.min_uptime.to_string(),
-        );
-        if self.reload_strategy == ReloadStrategy::Rolling {
-            out.push("--reload-strategy".into());
-            out.push("rolling".into());
-        }
-        if let Some(wd) = self.worker_watchdog {
-            out.push("--worker-watchdog".into());
-            out.push(wd.to_string());
-        }
-        if let Some(d) = self.exit_idle_after {
-            out.push("--exit-idle-after".into());
-            out.push(d.to_string());
-        }
-        if let Some(m) = self.max_worker_memory {
-            out.push("--max-worker-memory".into());
-            out.push(m.to_string());
-        }
-        if let Some(a) = self.max_worker_age {
-            out.push("--max-worker-age".into());
-            out.push(a.to_string());
-        }
-        out
-    }
 }
 
 impl Default for SupervisorOpts {
@@ -539,72 +486,134 @@ pub struct RunArgs {
     pub command: Vec<OsString>,
 }
 
-impl SupervisorOpts {
-    /// Cross-field rules for the supervisor's options, the one place both `run` (exit 78)
-    /// and `gen-units` (before rendering) check them.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.ready_timeout.0.is_zero() {
-            return Err(
-                "--ready-timeout 0 would kill every worker before it could become ready: give \
-                 a positive duration (default 60s)"
-                    .into(),
-            );
-        }
-        if self.restart_delay.max.is_zero() {
-            return Err(format!(
-                "--restart-delay {} means no backoff at all: a worker that crashes at start \
-                 would be respawned in a busy loop. MAX must be above 0 (default 100ms..30s; \
-                 0..1ms refills at once)",
-                self.restart_delay
-            ));
-        }
-        if let ReadyMode::After(d) = self.ready
-            && d >= self.ready_timeout.0
-        {
-            return Err(format!(
-                "--ready after:{} can never be reached: a worker not ready within \
-                 --ready-timeout {} is killed first. Give --ready-timeout longer than the \
-                 readiness delay (e.g. --ready-timeout {})",
-                Dur(d),
-                self.ready_timeout,
-                Dur(d * 2 + std::time::Duration::from_secs(10))
-            ));
-        }
-        if self
-            .worker_watchdog
-            .is_some_and(|d| d.0 < std::time::Duration::from_millis(10))
-        {
-            return Err("--worker-watchdog must be at least 10ms".into());
-        }
-        Ok(())
-    }
+pub const GEN_UNITS_EXAMPLES: &str = "Examples:
+  # Print the units for 4 workers of a Python server on port 8080 (systemd version of this
+  # machine, clusterctl at its current path):
+  clusterctl gen-units myapp --listen 8080 --workers 4 -- python3 -m myserver
+
+  # Write them for a Debian 12 host (systemd 252), Node app, JIT-compatible sandboxing:
+  clusterctl gen-units web --listen web=127.0.0.1:3000 --hardening jit \\
+      --systemd-version 252 --clusterctl /usr/bin/clusterctl \\
+      --environment NODE_ENV=production -o /etc/systemd/system -- /usr/bin/node /srv/web/server.js
+
+  # A user service (systemctl --user):
+  clusterctl gen-units dev --listen 8000 --user-units -o ~/.config/systemd/user -- ./server
+
+Every argument after -- reaches the worker unchanged: gen-units quotes it for systemd
+(spaces, quotes, backslashes, %, $). A relative CMD is resolved now (PATH, or the current
+directory for ./x) to an absolute path. -o refuses to replace a file with different content
+unless --force is given. See units/README.md for checked-in examples.";
+
+/// `clusterctl gen-units APP [OPTIONS] -- CMD [ARGS...]`.
+#[derive(Debug, Args)]
+pub struct GenUnitsArgs {
+    /// Unit name prefix: renders APP.socket and APP.service (ASCII letters, digits, '_', '.',
+    /// '-')
+    #[arg(value_name = "APP")]
+    pub app: String,
+
+    /// Socket systemd listens on (ListenStream=): PORT, HOST:PORT, `[V6]:PORT` or unix:/PATH,
+    /// optionally named NAME=ADDRESS (FileDescriptorName=; one name for all) (repeatable)
+    #[arg(long = "listen", value_name = "SPEC", required = true)]
+    pub listen: Vec<ListenSpec>,
+
+    #[command(flatten)]
+    pub opts: SupervisorOpts,
+
+    /// WatchdogSec=: systemd restarts the service if clusterctl stops pinging this long
+    #[arg(long, value_name = "DUR")]
+    pub watchdog: Option<Dur>,
+
+    /// Run as this existing user (User=) instead of a dynamic one (DynamicUser=yes)
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
+
+    /// Run with this group (Group=)
+    #[arg(long, value_name = "NAME")]
+    pub group: Option<String>,
+
+    /// WorkingDirectory= of clusterctl and its workers (absolute) [default: the directory
+    /// gen-units runs in]
+    #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
+    pub working_directory: Option<PathBuf>,
+
+    /// Environment variable for clusterctl and its workers (Environment=) (repeatable)
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub environment: Vec<String>,
+
+    /// File of KEY=VALUE lines read by systemd at start (EnvironmentFile=, absolute)
+    #[arg(long, value_name = "PATH", value_hint = ValueHint::FilePath)]
+    pub environment_file: Option<PathBuf>,
+
+    /// Sandboxing [default: strict, or jit when the worker command is a JIT runtime such as
+    /// node, java, dotnet, bun, deno, pypy or luajit]
+    #[arg(long, value_enum, value_name = "LEVEL")]
+    pub hardening: Option<Hardening>,
+
+    /// systemd version (any from 239 on) of the machine that will run the units
+    /// (sandboxing settings newer than it are left out), or `auto` to ask
+    /// `systemctl --version` here
+    #[arg(long, value_name = "N|auto", default_value = "auto",
+          value_parser = Hinted::<VersionArg>::new(SYSTEMD_VERSION_VALUES))]
+    pub systemd_version: VersionArg,
+
+    /// journald rate limit of the unit, shared by clusterctl and its workers, as
+    /// BURST/INTERVAL (e.g. 10000/30s) [default: off, so clusterctl's own lines are never
+    /// dropped because a worker logs a lot]
+    #[arg(long, value_name = "BURST/INTERVAL")]
+    pub log_rate_limit: Option<LogRateLimit>,
+
+    /// Description= of the service (default: "APP (clusterctl)")
+    #[arg(long, value_name = "TEXT")]
+    pub description: Option<String>,
+
+    /// Render units for a user manager (systemctl --user): WantedBy=default.target, no
+    /// User=/DynamicUser=, only sandboxing that works without privileges
+    #[arg(long)]
+    pub user_units: bool,
+
+    /// Absolute path of clusterctl on the target machine (default: this binary; see README
+    /// "Installing")
+    #[arg(long, value_name = "PATH", value_hint = ValueHint::ExecutablePath)]
+    pub clusterctl: Option<PathBuf>,
+
+    /// Write APP.socket and APP.service into DIR (created if missing) instead of printing
+    /// them
+    #[arg(short = 'o', long, value_name = "DIR", value_hint = ValueHint::DirPath)]
+    pub output_dir: Option<PathBuf>,
+
+    /// With -o: replace existing files whose content differs
+    #[arg(long, requires = "output_dir")]
+    pub force: bool,
+
+    /// The worker command and its arguments
+    #[arg(last = true, required = true, value_name = "CMD",
+          value_hint = ValueHint::CommandWithArguments)]
+    pub command: Vec<OsString>,
 }
 
-/// For a command line that clap refused: when `run` or `gen-units` got the worker command
-/// without `--` in front of it, the corrected line (the last place where inserting `--`
-/// makes the line parse).
-pub fn missing_dashdash_hint(args: &[OsString]) -> Option<String> {
-    let sub = args.iter().position(|a| a == "run" || a == "gen-units")?;
-    if args.iter().any(|a| a == "--") {
-        return None;
-    }
-    // From the right: the latest split that parses keeps the most words as options.
-    for at in ((sub + 1)..args.len()).rev() {
-        let mut fixed: Vec<OsString> = args.to_vec();
-        fixed.insert(at, "--".into());
-        if Cli::try_parse_from(&fixed).is_ok() {
-            let words: Vec<String> = fixed
-                .iter()
-                .skip(1)
-                .map(|w| crate::units::shell_word(&w.to_string_lossy()))
-                .collect();
-            return Some(format!(
-                "the worker command goes after `--`:\n  clusterctl {}",
-                words.join(" ")
-            ));
+/// `--hardening strict|jit|none`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Hardening {
+    /// Everything a network server supervised by clusterctl does not need is denied
+    /// (`systemd-analyze security` exposure 1.2)
+    Strict,
+    /// Strict without MemoryDenyWriteExecute= (JIT compilers such as V8, HotSpot, LuaJIT
+    /// need memory that is writable, then executable) and ProcSubset=pid (runtimes read
+    /// /proc/cpuinfo)
+    Jit,
+    /// No sandboxing settings at all
+    None,
+}
+
+impl Hardening {
+    pub fn name(self) -> &'static str {
+        match self {
+            Hardening::Strict => "strict",
+            Hardening::Jit => "jit",
+            Hardening::None => "none",
         }
     }
-    None
 }
 
 #[cfg(test)]
@@ -645,54 +654,6 @@ mod tests {
             print: false,
         };
         assert_eq!(l.journalctl_args(), ["--user", "--unit=web.service"]);
-    }
-
-    #[test]
-    fn default_opts_render_no_args() {
-        assert!(SupervisorOpts::default().to_run_args().is_empty());
-    }
-
-    #[test]
-    fn non_default_opts_round_trip() {
-        let cli = Cli::try_parse_from([
-            "clusterctl",
-            "run",
-            "--workers",
-            "3",
-            "--ready",
-            "after:2s",
-            "--stop-timeout",
-            "5s",
-            "--stop-signal",
-            "QUIT",
-            "--",
-            "srv",
-        ])
-        .unwrap();
-        let Command::Run(run) = cli.command else {
-            panic!()
-        };
-        let args = run.opts.to_run_args();
-        assert_eq!(
-            args,
-            [
-                "--workers",
-                "3",
-                "--ready",
-                "after:2s",
-                "--stop-signal",
-                "SIGQUIT",
-                "--stop-timeout",
-                "5s"
-            ]
-        );
-        let mut again = vec!["clusterctl".to_string(), "run".into()];
-        again.extend(args.iter().cloned());
-        again.extend(["--".into(), "srv".into()]);
-        let Command::Run(run2) = Cli::try_parse_from(again).unwrap().command else {
-            panic!()
-        };
-        assert_eq!(run2.opts.to_run_args(), args);
     }
 
     #[test]

@@ -124,6 +124,23 @@ impl ListenSpec {
         self.name.as_deref().unwrap_or(default)
     }
 
+    /// The warning for a TCP address on every interface (`0.0.0.0`, `[::]`, a bare port),
+    /// shared by `run --listen` and `gen-units --listen`; `None` for a specific address.
+    pub fn every_interface_warning(&self) -> Option<String> {
+        let Address::Tcp(a) = &self.address else {
+            return None;
+        };
+        a.ip().is_unspecified().then(|| {
+            format!(
+                "--listen {} listens on every interface{}: reachable from other machines; \
+                 use --listen 127.0.0.1:{} for this machine only",
+                self.raw,
+                if a.is_ipv6() { " (IPv4 and IPv6)" } else { "" },
+                a.port()
+            )
+        })
+    }
+
     /// The `ListenStream=` value for a socket unit.
     pub fn listen_stream(&self) -> String {
         match &self.address {
@@ -580,6 +597,76 @@ impl fmt::Display for AgeLimit {
     }
 }
 
+/// The oldest systemd gen-units writes units for (RHEL 8 has 239). Older versions lack
+/// `PrivateMounts=`, `@system-service` refinements and more.
+pub const MIN_SYSTEMD_VERSION: u32 = 239;
+
+/// `--systemd-version N|auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VersionArg {
+    Auto,
+    Fixed(u32),
+}
+
+impl std::str::FromStr for VersionArg {
+    type Err = String;
+
+    /// A usage error (exit 2) when not a supported version.
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "auto" {
+            return Ok(VersionArg::Auto);
+        }
+        let n: u32 = s
+            .parse()
+            .map_err(|_| "expected a version number such as 252, or `auto`".to_string())?;
+        systemd_version_supported(n)?;
+        Ok(VersionArg::Fixed(n))
+    }
+}
+
+pub fn systemd_version_supported(version: u32) -> Result<(), String> {
+    if version < MIN_SYSTEMD_VERSION {
+        return Err(format!(
+            "systemd {version} is older than {MIN_SYSTEMD_VERSION}, the oldest version gen-units \
+             writes units for"
+        ));
+    }
+    Ok(())
+}
+
+/// `--log-rate-limit BURST/INTERVAL`: journald's per-unit rate limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogRateLimit {
+    pub burst: u32,
+    pub interval: Dur,
+}
+
+impl std::str::FromStr for LogRateLimit {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let (burst, interval) = s
+            .split_once('/')
+            .ok_or_else(|| format!("expected BURST/INTERVAL such as 10000/30s, not {s:?}"))?;
+        let burst: u32 = burst
+            .parse()
+            .map_err(|_| format!("BURST {burst:?} is not a number of messages"))?;
+        let interval: Dur = interval.parse()?;
+        if burst == 0 || interval.0.is_zero() {
+            return Err(
+                "BURST and INTERVAL must be above 0 (leave the option out for no limit)".into(),
+            );
+        }
+        Ok(LogRateLimit { burst, interval })
+    }
+}
+
+impl std::fmt::Display for LogRateLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.burst, self.interval)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -757,5 +844,17 @@ mod tests {
                 "{bad:?} should be rejected"
             );
         }
+    }
+
+    #[test]
+    fn version_flag() {
+        let p = |s: &str| s.parse::<VersionArg>();
+        assert_eq!(p("auto").unwrap(), VersionArg::Auto);
+        assert_eq!(p("252").unwrap(), VersionArg::Fixed(252));
+        assert_eq!(p("257").unwrap(), VersionArg::Fixed(257));
+        for bad in ["", "v252", "252.1", "-1", "latest"] {
+            assert!(p(bad).unwrap_err().contains("version number"), "{bad:?}");
+        }
+        assert!(p("238").unwrap_err().contains("older"));
     }
 }

@@ -14,7 +14,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::error::{Context, Error, Result, exit};
+use crate::error::{Context, Error, Result};
 
 /// The largest request accepted.
 const MAX_REQUEST: usize = 8192;
@@ -565,7 +565,7 @@ pub fn locate(app: Option<&str>, control: Option<&Path>) -> Result<PathBuf> {
 
 /// Sends `request` and returns the supervisor's answer text (without `ok `), or an error
 /// (`error ...` answers become `Error::Failed`, exit 1).
-pub fn call(path: &Path, request: &Request, timeout: Option<Duration>) -> Result<String> {
+pub fn call(path: &Path, request: Request, timeout: Option<Duration>) -> Result<String> {
     let mut stream = UnixStream::connect(path).map_err(|e| {
         Error::Unavailable(format!(
             "cannot reach the supervisor at {}: {e}{}",
@@ -636,17 +636,10 @@ pub fn call(path: &Path, request: &Request, timeout: Option<Duration>) -> Result
     }
 }
 
-/// Exit code for a control command's error.
-pub fn exit_code(e: &Error) -> u8 {
-    match e {
-        Error::Unavailable(_) => exit::UNAVAILABLE,
-        other => other.exit_code(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::exit;
 
     #[test]
     fn requests_round_trip() {

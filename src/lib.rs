@@ -1,23 +1,30 @@
 //! clusterctl: run any network server as a multi-process, zero-downtime service under systemd.
 //!
-//! The binary is a thin wrapper around [`main`]; the modules are public only so that
-//! documentation and tests can reach them.
+//! The binary is a thin wrapper around [`main`]; nothing else is public (the integration
+//! tests run the binary), so rustc reports dead code.
+//!
+//! Dependencies point one way: `cli` (clap) → `config` (single values); `settings`
+//! (validated options, argv, derived timeouts, PATH) → `cli`, `config`; `units` and
+//! `supervisor` → `settings`; this file → everything.
 
-pub mod cli;
-pub mod config;
-pub mod control;
-pub mod error;
-pub mod idle;
-pub mod journal;
-pub mod log;
-pub mod notify;
-pub mod sockets;
-pub mod status;
-pub mod supervisor;
+pub(crate) mod cli;
+pub(crate) mod config;
+pub(crate) mod control;
+pub(crate) mod error;
+pub(crate) mod idle;
+pub(crate) mod journal;
+pub(crate) mod log;
+pub(crate) mod notify;
+pub(crate) mod settings;
+pub(crate) mod sockets;
+pub(crate) mod status;
+pub(crate) mod supervisor;
 mod sys;
-pub mod units;
+pub(crate) mod units;
 
 use clap::Parser;
+
+use std::ffi::OsString;
 
 use crate::cli::{Cli, Command};
 use crate::error::exit;
@@ -34,18 +41,20 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> u8 {
             if !e.use_stderr() {
                 return exit::OK;
             }
-            if let Some(hint) = cli::missing_dashdash_hint(&args) {
+            if let Some(hint) = missing_dashdash_hint(&args) {
                 eprint_line(&format!("\nhint: {hint}"));
             }
             return exit::USAGE;
         }
     };
     let result = match cli.command {
-        Command::Run(args) => match supervisor::run(args) {
-            Ok(0) => Ok(()),
-            Ok(code) => return code,
-            Err(e) => Err(e),
-        },
+        Command::Run(args) => {
+            match settings::RunSettings::from_args(args).and_then(supervisor::run) {
+                Ok(0) => Ok(()),
+                Ok(code) => return code,
+                Err(e) => Err(e),
+            }
+        }
         Command::GenUnits(args) => units::gen_units(&args),
         Command::Reload(a) => {
             return ctl(
@@ -98,6 +107,33 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> u8 {
         Ok(()) => exit::OK,
         Err(e) => report(&e),
     }
+}
+
+/// For a command line that clap refused: when `run` or `gen-units` got the worker command
+/// without `--` in front of it, the corrected line (the last place where inserting `--`
+/// makes the line parse).
+pub fn missing_dashdash_hint(args: &[OsString]) -> Option<String> {
+    let sub = args.iter().position(|a| a == "run" || a == "gen-units")?;
+    if args.iter().any(|a| a == "--") {
+        return None;
+    }
+    // From the right: the latest split that parses keeps the most words as options.
+    for at in ((sub + 1)..args.len()).rev() {
+        let mut fixed: Vec<OsString> = args.to_vec();
+        fixed.insert(at, "--".into());
+        if Cli::try_parse_from(&fixed).is_ok() {
+            let words: Vec<String> = fixed
+                .iter()
+                .skip(1)
+                .map(|w| units::shell_word(&w.to_string_lossy()))
+                .collect();
+            return Some(format!(
+                "the worker command goes after `--`:\n  clusterctl {}",
+                words.join(" ")
+            ));
+        }
+    }
+    None
 }
 
 /// A usage error found after clap parsed the line: the message, the subcommand's usage
@@ -203,7 +239,7 @@ fn ctl(target: &cli::Target, request: &control::Request) -> u8 {
     } else {
         (!waits).then(|| std::time::Duration::from_secs(10))
     };
-    match control::call(&path, request, timeout) {
+    match control::call(&path, request.clone(), timeout) {
         Ok(answer) => {
             let answer = answer.trim_end();
             if answer.is_empty() {

@@ -305,20 +305,25 @@ pub enum Upstream {
     ExtendTimeout(std::time::Duration),
 }
 
+/// systemd's watchdog interval for the supervisor (`WATCHDOG_USEC`, when `WATCHDOG_PID` is
+/// unset or ours), through sd-notify's `sd_watchdog_enabled(3)`; 0 means none.
+pub fn watchdog_interval() -> Option<std::time::Duration> {
+    sd_notify::watchdog_enabled().filter(|d| !d.is_zero())
+}
+
 /// Sends one datagram with all `msgs` to `$NOTIFY_SOCKET`. Does nothing when unset.
 pub fn send_upstream(msgs: &[Upstream]) -> std::io::Result<()> {
     use sd_notify::NotifyState;
     if msgs.is_empty() || std::env::var_os("NOTIFY_SOCKET").is_none() {
         return Ok(());
     }
-    let mono = i128::from(crate::sys::monotonic_usec());
     let mut states = Vec::with_capacity(msgs.len() + 1);
     for m in msgs {
         match m {
             Upstream::Ready => states.push(NotifyState::Ready),
             Upstream::Reloading => {
                 states.push(NotifyState::Reloading);
-                states.push(NotifyState::MonotonicUsec(mono));
+                states.push(NotifyState::monotonic_usec_now()?);
             }
             Upstream::Stopping => states.push(NotifyState::Stopping),
             Upstream::Status(s) => states.push(NotifyState::Status(s)),

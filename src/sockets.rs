@@ -2,7 +2,7 @@
 //! strictly) or bound by clusterctl itself from `--listen`. Both paths end with the sockets
 //! at fds 3..3+n of the supervisor, so spawning workers is one code path.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 
@@ -29,10 +29,6 @@ pub struct Listeners {
 impl Listeners {
     pub fn len(&self) -> usize {
         self.names.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.names.is_empty()
     }
 
     /// Unix socket files we created (handed over by `clusterctl upgrade`).
@@ -138,20 +134,8 @@ pub fn acquire(specs: &[ListenSpec], reuse_port: bool) -> Result<(Listeners, Vec
     .map_err(|e| Error::config(format!("invalid socket activation environment: {e}")))?;
     let mut warnings = Vec::new();
     if let Some(inh) = parsed {
-        // listenfd reads the same variables (and checks LISTEN_PID); it agreeing on the count
-        // is a cross-check of our stricter parser. We keep the fds at their numbers.
-        let mut lfd = listenfd::ListenFd::from_env();
-        if lfd.len() != inh.count {
-            return Err(Error::config(format!(
-                "socket activation: expected {} fds, listenfd sees {}",
-                inh.count,
-                lfd.len()
-            )));
-        }
-        for i in 0..inh.count {
-            let _ = lfd.take_raw_fd(i);
-        }
-        check_inherited_open(inh.count).map_err(Error::Config)?;
+        let fds = take_inherited(inh.count)?;
+        check_inherited_open(&fds).map_err(Error::Config)?;
         sys::adopt_inherited(inh.count)
             .map_err(|e| Error::config(format!("socket activation: {e}")))?;
         if !specs.is_empty() {
@@ -177,19 +161,7 @@ pub fn acquire(specs: &[ListenSpec], reuse_port: bool) -> Result<(Listeners, Vec
         ));
     }
     crate::config::check_listen_unique(specs).map_err(Error::Config)?;
-    for spec in specs {
-        if let Address::Tcp(a) = &spec.address
-            && a.ip().is_unspecified()
-        {
-            warnings.push(format!(
-                "--listen {} listens on every interface{}: reachable from other machines; \
-                 use --listen 127.0.0.1:{} for this machine only",
-                spec.raw,
-                if a.is_ipv6() { " (IPv4 and IPv6)" } else { "" },
-                a.port()
-            ));
-        }
-    }
+    warnings.extend(specs.iter().filter_map(ListenSpec::every_interface_warning));
     let mut fds = Vec::with_capacity(specs.len());
     let mut listeners = Listeners::default();
     for (i, spec) in specs.iter().enumerate() {
@@ -206,10 +178,45 @@ pub fn acquire(specs: &[ListenSpec], reuse_port: bool) -> Result<(Listeners, Vec
     Ok((listeners, warnings))
 }
 
-/// Each of fds 3..3+n must be open before it is adopted; a missing one is named (instead
+/// Takes the `n` inherited sockets through listenfd, after `parse_listen_env` checked the
+/// variables strictly. listenfd checks `LISTEN_PID` once more and removes `LISTEN_PID` and
+/// `LISTEN_FDS` from our environment (this runs before any thread exists; workers get
+/// LISTEN_* of their own from the supervisor). Only the raw fds are taken: listenfd's
+/// typed `take_*_listener` would set FD_CLOEXEC and change nothing else we need. The
+/// sockets stay at fds 3..3+n, where workers get them.
+fn take_inherited(n: usize) -> Result<Vec<RawFd>> {
+    let mut lfd = listenfd::ListenFd::from_env();
+    if lfd.len() != n {
+        return Err(Error::config(format!(
+            "invalid socket activation environment: LISTEN_FDS={n}, but listenfd sees {} \
+             sockets for this process (is LISTEN_PID this process's pid?)",
+            lfd.len()
+        )));
+    }
+    let mut fds = Vec::with_capacity(n);
+    for i in 0..n {
+        let fd =
+            lfd.take_raw_fd(i).ok().flatten().ok_or_else(|| {
+                Error::config(format!("socket activation: listenfd has no fd {i}"))
+            })?;
+        if usize::try_from(fd).ok() != Some(3 + i) {
+            return Err(Error::config(format!(
+                "invalid socket activation environment: socket {i} is fd {fd}, not {} \
+                 (LISTEN_FDS_FIRST_FD is not supported: pass the sockets from fd 3 on, as \
+                 systemd does)",
+                3 + i
+            )));
+        }
+        fds.push(fd);
+    }
+    Ok(fds)
+}
+
+/// Each inherited fd must be open before it is adopted; a missing one is named (instead
 /// of a bare "Bad file descriptor").
-fn check_inherited_open(n: usize) -> Result<(), String> {
-    for fd in 3..3 + n {
+fn check_inherited_open(fds: &[RawFd]) -> Result<(), String> {
+    let n = fds.len();
+    for fd in fds {
         if std::fs::symlink_metadata(format!("/proc/self/fd/{fd}")).is_err()
             && std::path::Path::new("/proc/self/fd").is_dir()
         {
@@ -357,13 +364,13 @@ mod tests {
     #[test]
     fn missing_inherited_fd_is_named() {
         // fds far above anything this test process has open.
-        let err = check_inherited_open(4000).unwrap_err();
+        let err = check_inherited_open(&(3..4003).collect::<Vec<_>>()).unwrap_err();
         assert!(
             err.contains("LISTEN_FDS=4000") && err.contains("is not open"),
             "{err}"
         );
         assert!(err.contains("fd "), "{err}");
-        assert!(check_inherited_open(0).is_ok());
+        assert!(check_inherited_open(&[]).is_ok());
     }
 
     #[test]

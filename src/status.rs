@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
+use crate::supervisor::procfs;
 use crate::supervisor::state::{Phase, State, WorkerPhase};
 
 /// One row of the worker table.
@@ -53,53 +54,21 @@ pub struct Report {
 
 /// Resident set size and CPU time of a process, from `/proc/PID/stat`.
 fn proc_usage(pid: i32) -> (Option<u64>, Option<f64>) {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+    let Some(s) = procfs::stat(pid) else {
         return (None, None);
     };
-    let Some(close) = stat.rfind(')') else {
-        return (None, None);
-    };
-    // Fields after "(comm)": state is field 3; utime 14, stime 15, rss 24 (1-based).
-    let f: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-    let num = |i: usize| f.get(i - 3).and_then(|v| v.parse::<u64>().ok());
-    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .and_then(|t| u64::try_from(t).ok())
-        .unwrap_or(100);
-    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-        .ok()
-        .flatten()
-        .and_then(|t| u64::try_from(t).ok())
-        .unwrap_or(4096);
     #[allow(clippy::cast_precision_loss)]
-    let cpu = match (num(14), num(15)) {
-        (Some(u), Some(s)) => Some((u + s) as f64 / ticks as f64),
-        _ => None,
-    };
-    (num(24).map(|p| p * page), cpu)
+    let cpu = (s.utime + s.stime) as f64 / procfs::clock_ticks() as f64;
+    (Some(s.rss_pages * procfs::page_size()), Some(cpu))
 }
 
 /// Builds the report from the supervisor's state.
 /// Parent → children, from one pass over `/proc`.
 fn process_children() -> std::collections::HashMap<i32, Vec<i32>> {
     let mut map: std::collections::HashMap<i32, Vec<i32>> = std::collections::HashMap::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return map;
-    };
-    for e in dir.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let parent = stat
-            .rfind(')')
-            .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
-            .and_then(|p| p.parse::<i32>().ok());
-        if let Some(parent) = parent {
-            map.entry(parent).or_default().push(pid);
+    for pid in procfs::all_pids() {
+        if let Some(s) = procfs::stat(pid) {
+            map.entry(s.ppid).or_default().push(pid);
         }
     }
     map
@@ -156,7 +125,7 @@ pub fn report(
                     WorkerPhase::Starting { .. } => "starting",
                     WorkerPhase::Ready { .. } => "ready",
                     WorkerPhase::Draining { .. } => "draining",
-                    WorkerPhase::Killed => "killed",
+                    WorkerPhase::Killed { .. } => "killed",
                 },
                 uptime: Some(now.saturating_duration_since(w.started)),
                 restarts: if current {
@@ -227,8 +196,8 @@ pub fn report(
             Phase::Stopping { .. } => "stopping",
         },
         status: state.status_line(),
-        generation: state.generation,
-        workers_wanted: state.cfg.workers,
+        generation: state.serving_generation,
+        workers_wanted: state.desired(),
         log_lines_dropped: crate::log::DROPPED.load(std::sync::atomic::Ordering::Relaxed),
         sockets,
         last_reload: state

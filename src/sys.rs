@@ -644,17 +644,89 @@ unsafe fn guardian_main(rd: RawFd, groups: &mut Vec<libc::pid_t>, buf: &mut [u8;
     }
 }
 
-/// `CLOCK_MONOTONIC` in microseconds, as systemd expects in `MONOTONIC_USEC=`.
-pub fn monotonic_usec() -> u64 {
-    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .expect("CLOCK_MONOTONIC is always available");
-    u64::try_from(ts.tv_sec()).unwrap_or(0) * 1_000_000
-        + u64::try_from(ts.tv_nsec()).unwrap_or(0) / 1000
+/// A file descriptor that refers to process `pid` itself, not to its number: signals sent
+/// through it can never reach a process that reused the pid, and it turns readable when the
+/// process exits (pollable). `ENOSYS` before Linux 5.3.
+pub fn pidfd_open(pid: Pid) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open(2) takes a pid and a flags word (0) and returns a new fd or -1;
+    // it reads or writes no memory of ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0 as libc::c_uint) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = RawFd::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    // SAFETY: the kernel just returned this fd to us, open and owned by no one else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sends `signal` to the process `pidfd` refers to (`ESRCH` once it has exited, even if
+/// its pid was reused).
+pub fn pidfd_send_signal(
+    pidfd: BorrowedFd<'_>,
+    signal: nix::sys::signal::Signal,
+) -> io::Result<()> {
+    // SAFETY: pidfd_send_signal(2) with a valid fd (borrowed for the call), a signal
+    // number, a null siginfo (the kernel fills in a default one, as for kill(2)) and flags
+    // 0; no memory of ours is read or written.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal as libc::c_int,
+            std::ptr::null::<libc::siginfo_t>(),
+            0 as libc::c_uint,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pidfd_signals_the_child_and_turns_readable_when_it_exits() {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use nix::sys::signal::Signal;
+        use std::os::fd::AsFd;
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = Pid::from_raw(i32::try_from(child.id()).unwrap());
+        let fd = match pidfd_open(pid) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                assert!(
+                    std::env::var_os("CI").is_none(),
+                    "pidfd_open: {e} (kernel < 5.3?)"
+                );
+                eprintln!("skipped: no pidfd_open on this kernel");
+                return;
+            }
+            r => r.unwrap(),
+        };
+        let readable = |ms: u16| {
+            let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+            poll(&mut fds, PollTimeout::from(ms)).unwrap() == 1
+        };
+        assert!(!readable(0), "readable while the child runs");
+        pidfd_send_signal(fd.as_fd(), Signal::SIGTERM).unwrap();
+        assert!(readable(10_000), "not readable after the child exited");
+        // Exited but not reaped yet: the pid is still ours; signalling it is an error now.
+        let status = child.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGTERM)
+        );
+        let e = pidfd_send_signal(fd.as_fd(), Signal::SIGKILL).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ESRCH));
+        assert!(pidfd_open(Pid::from_raw(-1)).is_err());
+    }
 
     #[test]
     fn pid_digits() {

@@ -153,18 +153,22 @@ fn listen_errors_name_the_problem() {
 #[test]
 fn a_bare_port_warns_that_it_listens_everywhere() {
     let port = free_port().to_string();
-    // The worker does not exist: clusterctl binds, warns, then stops with 78.
+    // The worker fails at once: clusterctl binds, warns, gives up after 3 starts (exit 1).
     let o = run(&[
         "run",
         "--log",
         "stderr",
         "--listen",
         &port,
+        "--workers",
+        "1",
+        "--restart-delay",
+        "1ms",
         "--",
-        "/nonexistent/worker",
+        "/bin/false",
     ]);
     let err = stderr(&o);
-    assert_eq!(o.status.code(), Some(78), "{err}");
+    assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(
         err.contains(&format!("--listen {port} listens on every interface")),
         "{err}"
@@ -187,6 +191,25 @@ fn listen_fds_naming_a_closed_fd_says_which() {
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(78), "{err}");
     assert!(err.contains("fd 4 is not open"), "{err}");
+}
+
+#[test]
+fn inherited_sockets_not_at_fd_3_are_refused() {
+    // listenfd would take LISTEN_FDS_FIRST_FD=5 at its word; the workers could not find
+    // the socket at fd 3, so clusterctl refuses and says what to do.
+    let script = format!(
+        "exec 5</dev/null; LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDS_FIRST_FD=5 exec {} run -- \
+         /bin/true",
+        clusterctl().display()
+    );
+    let o =
+        output_with_deadline(Command::new("/bin/sh").args(["-c", &script]), None, TIMEOUT).unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(78), "{err}");
+    assert!(
+        err.contains("socket 0 is fd 5, not 3") && err.contains("from fd 3 on"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -148,7 +148,7 @@ fn a_dead_log_reader_does_not_kill_the_supervisor() {
     assert!(alive(sup.pid()), "the supervisor survived EPIPE on its log");
     let json = status_json(&sup.control).unwrap();
     assert!(
-        !json.contains("\"log_lines_dropped\":0,"),
+        crate::support::json_number(&json, "log_lines_dropped").is_some_and(|n| n > 0),
         "the lost lines are counted: {json}"
     );
 }
@@ -260,8 +260,7 @@ fn raise_own_nofile(want: u64) -> bool {
 #[test]
 fn fd_exhaustion_neither_spins_nor_blocks() {
     if !raise_own_nofile(1400) {
-        eprintln!("skipped: cannot open 1400 fds in the test process");
-        assert!(std::env::var("CI").is_err(), "CI must allow 1400 fds");
+        crate::support::skip("cannot open 1400 fds in the test process");
         return;
     }
     let dir = TempDir::new("emfile");
@@ -475,14 +474,7 @@ fn notify_abuse_is_ignored() {
         if Instant::now() > deadline {
             break;
         }
-        let msg: Vec<u8> = match i % 4 {
-            0 => b"READY=1\nMAINPID=1\nSTOPPING=1\nWATCHDOG=1".to_vec(),
-            1 => (0..200)
-                .map(|j| u8::try_from((i * 31 + j) % 256).unwrap())
-                .collect(),
-            2 => vec![b'x'; 150_000],
-            _ => b"STATUS=stranger".to_vec(),
-        };
+        let msg = crate::support::hostile_notify(i);
         // A full receive queue is fine (the flood is the point); anything else is not.
         if let Err(e) = s.send_to(&msg, &notify) {
             assert_eq!(e.raw_os_error(), Some(nix::libc::EAGAIN), "{e}");
@@ -547,8 +539,10 @@ fn control_abuse_does_not_stall_the_supervisor() {
         let started = Instant::now();
         let (code, out, err) = sup.ctl(&["status"]);
         assert_eq!(code, 0, "{out}{err}");
+        // Generous for a loaded 2-core machine; a stall on the held clients would last
+        // until they are closed (never, here).
         assert!(
-            started.elapsed() < SECS(3),
+            started.elapsed() < SECS(15),
             "status took {:?}",
             started.elapsed()
         );
@@ -709,18 +703,29 @@ fn reload_soak_under_load_is_clean() {
         .spawn_raw();
     wait_for("first answer", SECS(20), || http_get(port, "/").ok());
     let pid = sup.pid();
-    // Warm up (first reload allocates the buffers that stay).
-    let (code, out, err) = sup.ctl(&["reload", "--wait"]);
-    assert_eq!(code, 0, "{out}{err}");
-    let (fds0, threads0, rss0) = (fd_count(pid), threads(pid), rss_kib(pid));
+    // Counted once the old generation is gone: each live worker holds a pidfd.
+    let drained = || {
+        wait_for("the old generation drained", SECS(20), || {
+            let status = status_json(&sup.control)?;
+            (!status.contains("\"draining\"") && !status.contains("\"killed\"")).then_some(())
+        });
+    };
     let load = Load::start(port, 2, 1, SECS(120), 1_000_000);
     let deadline = Instant::now() + SECS(100);
     let mut done = 0;
+    let mut baseline = None;
     while done < 100 && Instant::now() < deadline {
         let (code, out, err) = sup.ctl(&["reload", "--wait"]);
         assert_eq!(code, 0, "reload {done}: {out}{err}\n{}", sup.log());
         done += 1;
+        // Warmed up under load (the buffers and histories that stay are allocated): a
+        // leak grows from here on.
+        if done == 10 {
+            drained();
+            baseline = Some((fd_count(pid), threads(pid), rss_kib(pid)));
+        }
     }
+    let (fds0, threads0, rss0) = baseline.expect("at least 10 reloads");
     let summary = load.finish();
     eprintln!(
         "measured: {done} reloads in {:?}; requests ok {} failed {}; fds {fds0}->{}, \
@@ -735,6 +740,7 @@ fn reload_soak_under_load_is_clean() {
     assert!(done >= 30, "only {done} reloads in 100 s");
     assert_eq!(summary.failed, 0, "{summary:?}");
     assert!(summary.ok > 0);
+    drained();
     let (fds1, threads1, rss1) = (fd_count(pid), threads(pid), rss_kib(pid));
     assert_eq!(fds1, fds0, "fds stable over {done} reloads");
     assert_eq!(threads1, threads0, "threads stable");
@@ -771,8 +777,7 @@ impl Drop for KillPid {
 fn a_stalled_journald_does_not_stall_the_supervisor() {
     let root = nix::unistd::geteuid().is_root();
     if !root || !Path::new("/usr/bin/unshare").exists() {
-        eprintln!("skipped: needs root and unshare for a private /run");
-        assert!(std::env::var("CI").is_err(), "CI runs the tests as root");
+        crate::support::skip("needs root and unshare for a private /run");
         return;
     }
     let dir = TempDir::new("stalled-journald");
@@ -803,14 +808,41 @@ fn a_stalled_journald_does_not_stall_the_supervisor() {
     let sup = Raw { child, control };
     let _stall = KillPid(dir.join("stall.pid"));
     let log = || std::fs::read_to_string(&log).unwrap_or_default();
-    let json = wait_for_or(
+    wait_for_or(
         SECS(60),
         || status_json(&sup.control).filter(|j| j.contains("300/300 workers ready")),
         || format!("300 ready workers\n{}", log()),
     );
-    assert!(
-        !json.contains("\"log_lines_dropped\":0,"),
-        "journald's queue filled and entries were dropped: {json}"
+    // 300 workers log ~600 lines, fewer than the log queue holds (4096): reload, each
+    // time ~900 more lines, until the queue is full and entries are dropped — reloads
+    // finish all the same while nobody reads the log.
+    let mut reloads = 0;
+    let json = wait_for_or(
+        SECS(120),
+        || {
+            let json = status_json(&sup.control)?;
+            if crate::support::json_number(&json, "log_lines_dropped").is_some_and(|n| n > 0) {
+                return Some(json);
+            }
+            let (code, out, err) = ctl(&["reload", "--wait"], &sup.control);
+            assert_eq!(
+                code, 0,
+                "reload {reloads} with journald stalled: {out}{err}"
+            );
+            reloads += 1;
+            None
+        },
+        || {
+            format!(
+                "journald's queue to fill and entries to be dropped\n{}",
+                log()
+            )
+        },
+    );
+    let json = wait_for_or(
+        SECS(60),
+        || status_json(&sup.control).filter(|j| j.contains("300/300 workers ready")),
+        || format!("300 ready workers after {reloads} reloads\n{json}"),
     );
     let old = slot_pid(&json, 7).unwrap();
     kill(Pid::from_raw(old), Signal::SIGKILL).unwrap();
@@ -837,7 +869,7 @@ fn workers_get_the_original_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit};
     let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
     if hard < 1024 {
-        eprintln!("skipped: hard fd limit {hard} is below 1024");
+        crate::support::skip(&format!("hard fd limit {hard} is below 1024"));
         return;
     }
     let dir = TempDir::new("nofile");

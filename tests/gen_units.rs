@@ -399,7 +399,7 @@ fn copy_tree(from: &Path, to: &Path) {
 #[test]
 fn examples_pass_systemd_analyze_verify() {
     let Some(analyze) = find_program("systemd-analyze") else {
-        eprintln!("skipped: systemd-analyze is not installed");
+        crate::support::skip("systemd-analyze is not installed");
         return;
     };
     let root = TempDir::new("verify-root");
@@ -492,7 +492,7 @@ fn examples_pass_systemd_analyze_verify() {
 #[test]
 fn examples_have_low_exposure() {
     let Some(analyze) = find_program("systemd-analyze") else {
-        eprintln!("skipped: systemd-analyze is not installed");
+        crate::support::skip("systemd-analyze is not installed");
         return;
     };
     let mut failures = Vec::new();
@@ -687,7 +687,7 @@ fn systemd_parses_every_value_back_unchanged() {
         .map(Path::new)
         .find(|p| p.is_file())
     else {
-        eprintln!("skipped: systemd is not installed");
+        crate::support::skip("systemd is not installed");
         return;
     };
     let root = nix::unistd::geteuid().is_root();
@@ -1007,7 +1007,7 @@ fn programs_the_sandbox_cannot_see_are_warned_about() {
     let out = gen_units([
         "demo",
         "--listen",
-        "8080",
+        "127.0.0.1:8080",
         "--systemd-version",
         "252",
         "--working-directory",
@@ -1149,7 +1149,7 @@ fn prints_both_units_without_output_dir() {
     let out = gen_units([
         "demo",
         "--listen",
-        "8080",
+        "127.0.0.1:8080",
         "--user-units",
         "--systemd-version",
         "257",

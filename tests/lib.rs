@@ -5,6 +5,7 @@
 mod cli;
 mod faults;
 mod gen_units;
+mod limits;
 mod package;
 mod policy;
 mod recycle;

@@ -9,9 +9,9 @@
 use std::time::{Duration, Instant};
 
 use crate::support::cluster::{clusterctl, example, http_get, wait_for};
-use crate::support::free_port;
 use crate::support::load::Load;
 use crate::support::systemd::{Systemd, Version};
+use crate::support::{free_port, poll_until};
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
@@ -40,6 +40,7 @@ on_both_versions!(
     reloads_under_load_rollback_and_rolling_restart_fail_no_request,
     watchdog_restarts_a_hung_supervisor_and_queued_connections_are_served,
     idle_service_exits_cleanly_and_the_next_request_starts_it,
+    a_worker_flooding_the_journal_does_not_drown_the_supervisor,
 );
 
 fn repo(path: &str) -> std::path::PathBuf {
@@ -414,4 +415,71 @@ fn idle_service_exits_cleanly_and_the_next_request_starts_it(version: Version) {
         http_get(port, "/").is_ok(),
         "a request racing the idle exit is served"
     );
+}
+
+/// Every worker writes to its journal stream as fast as it can (`yes`, for 10 s, with the
+/// unit's journald rate limit raised out of reach); meanwhile a reload runs. The supervisor's own lines
+/// (its native journald datagrams) about that reload are all in the journal and it dropped
+/// none from its log queue.
+fn a_worker_flooding_the_journal_does_not_drown_the_supervisor(version: Version) {
+    let _permit = crate::support::SERVER_TESTS.take();
+    let Some(sd) = Systemd::boot_version(version) else {
+        return;
+    };
+    let port = free_port();
+    let worker = Systemd::path(&repo("tests/workers/pyworker.py"));
+    let cmd = vec![
+        "/bin/sh".to_string(),
+        "-c".to_string(),
+        format!(
+            "timeout 10 yes \"worker $WORKER_ID floods its journal stream\" & exec /usr/bin/python3 {worker}"
+        ),
+    ];
+    install(&sd, "floody", port, &["--workers", "2"], &cmd);
+    wait_for("the first answer", SECS(30), || http_get(port, "/").ok());
+    sd.wait_for("floody to be active", SECS(60), || {
+        sd.unit_property("floody.service", "ActiveState") == "active"
+    });
+    let flooded = |sd: &Systemd| {
+        sd.journal(&["-u", "floody", "-t", "floody/0", "-o", "cat", "-n", "5"])
+            .contains("floods its journal stream")
+    };
+    sd.wait_for("the flood to reach the journal", SECS(30), || flooded(&sd));
+    sd.systemctl_ok(&["reload", "floody"]);
+    let json = status_json(&sd, "floody");
+    assert_eq!(
+        crate::support::json_number(&json, "log_lines_dropped"),
+        Some(0),
+        "{json}"
+    );
+    // The reload's lines from the supervisor, by its identifier (not the workers' tags):
+    // journald may be seconds behind while it drains the workers' streams, but every line
+    // arrives.
+    let started = Instant::now();
+    let ours = || sd.journal(&["-u", "floody", "-t", "clusterctl", "-o", "cat"]);
+    let complete = |text: &str| {
+        text.matches(", generation 2)").count() == 2
+            && text.contains("generation 2 serving")
+            && text.matches("replaced by a newer generation").count() == 2
+    };
+    let arrived = poll_until(Instant::now() + SECS(90), || complete(&ours()));
+    assert!(
+        arrived,
+        "the supervisor's reload lines did not all arrive (a journald rate limit?):\n{}\n\
+         LogRateLimit settings of the unit: {}\nstatus: {}",
+        ours(),
+        inside(
+            &sd,
+            &["grep", "LogRateLimit", "/etc/systemd/system/floody.service"]
+        ),
+        status_json(&sd, "floody")
+    );
+    let behind = started.elapsed();
+    let lines = sd.journal(&["-u", "floody", "-o", "cat"]).lines().count();
+    eprintln!(
+        "{version}: journal flood during a reload: {lines} lines in the unit's journal \
+         (journald's default limit is 10000 per 30 s, scaled by free space); the supervisor's \
+         reload lines all arrived, the last {behind:?} after the reload returned"
+    );
+    sd.systemctl_ok(&["stop", "floody.service"]);
 }

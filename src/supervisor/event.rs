@@ -56,14 +56,15 @@ pub enum Event {
     Notify { pid: Pid, msg: NotifyMsg },
     /// SIGTERM / SIGINT: stop everything (a second one kills at once).
     Stop,
-    /// SIGHUP or `clusterctl reload`: start a new generation. `ticket` identifies the
-    /// control client to answer: with `wait`, once the reload finished (`ReloadFinished`);
-    /// without, as soon as the request was accepted or refused (`Answer`).
+    /// SIGHUP or `clusterctl reload`: start a new generation (one slot at a time with
+    /// `--reload-strategy rolling`). `ticket` identifies the control client to answer:
+    /// with `wait`, once the reload finished (`ReloadFinished`); without, as soon as the
+    /// request was accepted or refused (`Answer`).
     Reload { ticket: Option<Ticket>, wait: bool },
     /// SIGUSR2 or `clusterctl restart --rolling`: replace workers one slot at a time.
     RollingRestart { ticket: Option<Ticket>, wait: bool },
-    /// A sample of the listening sockets (`--exit-idle-after`, `--lazy`): were connections
-    /// queued or open?
+    /// A sample of the listening sockets (the answer to `Action::SampleTraffic`, or a
+    /// connection on a held socket with `--lazy`): were connections queued or open?
     Traffic { busy: bool },
     /// `clusterctl scale N`, SIGTTIN (+1), SIGTTOU (-1): run this many workers from now on.
     /// The control client (`ticket`) gets the outcome as an `Answer`.
@@ -71,12 +72,24 @@ pub enum Event {
         workers: u32,
         ticket: Option<Ticket>,
     },
+    /// SIGTTIN (`up`) / SIGTTOU: one worker more or fewer than the pool runs now.
+    ScaleStep { up: bool },
+    /// `clusterctl status` (`ticket`) or SIGUSR1 (no ticket: logged): answered with
+    /// `Action::Report`.
+    Status { ticket: Option<Ticket>, json: bool },
     /// The answer to `Action::ProbeAccepting`; `None` when the sockets cannot be seen
     /// (no TCP listener, no netlink).
     Backlog(Option<Backlog>),
     /// The answer to `Action::SampleMemory`: resident memory in bytes (the worker's whole
     /// process tree) of each worker that could be read.
     Memory(Vec<(Pid, u64)>),
+    /// `clusterctl upgrade [--wait] [--binary PATH]` (`ticket`): answered with
+    /// `Action::Upgrade` (the executor re-executes) or a refusal (`Answer`).
+    Upgrade {
+        ticket: Ticket,
+        wait: bool,
+        binary: Option<std::path::PathBuf>,
+    },
     /// Some armed deadline may have passed (the executor wakes us at `next_deadline`).
     Tick,
 }
@@ -110,11 +123,23 @@ pub enum Action {
         ticket: Ticket,
         result: Result<String, String>,
     },
+    /// Answer a status request (or, without a ticket, log the report): the executor adds
+    /// what only it can see (sockets, `/proc`).
+    Report { ticket: Option<Ticket>, json: bool },
+    /// Sample the listening sockets' traffic; the result comes back as `Traffic`.
+    SampleTraffic,
     /// Look at the listening sockets' accept queues; the result comes back as `Backlog`.
     ProbeAccepting,
     /// Read the resident memory of the starting and ready workers; the result comes back
     /// as `Memory`.
     SampleMemory,
+    /// Re-execute the supervisor in the same pid after the current batch (`clusterctl
+    /// upgrade`, handover.rs / upgrade.rs); the client holding `ticket` gets the outcome.
+    Upgrade {
+        ticket: Ticket,
+        wait: bool,
+        binary: Option<std::path::PathBuf>,
+    },
     /// All workers are gone: exit the supervisor with this code.
     Exit { code: u8 },
 }

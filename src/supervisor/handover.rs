@@ -33,12 +33,15 @@ use nix::unistd::Pid;
 use super::event::{ExitKind, Ticket};
 use super::state::{
     AcceptProbe, Config, Phase, Queued, Recycle, RecycleReason, Reload, ReloadKind, Slot, State,
-    Worker, WorkerPhase,
+    StopReason, Worker, WorkerPhase,
 };
 use crate::sys;
 
 /// The hand-over format this binary writes and fully reads.
-pub const VERSION: u32 = 1;
+///
+/// 2: the typed lifecycle (per-phase data, `StopReason`), the pool's size from its slots,
+/// the systemd watchdog / reload extension / traffic sample deadlines in `State`.
+pub const VERSION: u32 = 2;
 const MAGIC: &str = "clusterctl-handover";
 /// The largest snapshot read (8192 workers need well under 2 MiB).
 const MAX_SNAPSHOT: u64 = 64 << 20;
@@ -87,6 +90,44 @@ fn checksum(text: &str) -> u64 {
     })
 }
 
+/// `CLOCK_MONOTONIC` now, in microseconds: the clock `Instant` reads, which survives
+/// `execve` (same boot).
+pub fn monotonic_usec() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000
+            + u64::try_from(t.tv_nsec()).unwrap_or(0) / 1000
+    })
+}
+
+/// Every `StopReason`, by the name it has in a snapshot.
+const STOP_REASONS: &[(&str, StopReason)] = &[
+    ("replaced", StopReason::Replaced),
+    ("shutdown", StopReason::Shutdown),
+    ("ready_timeout", StopReason::ReadyTimeout),
+    ("rolled_back", StopReason::RolledBack),
+    ("unwanted", StopReason::Unwanted),
+    ("watchdog", StopReason::Watchdog),
+    ("scaled_down", StopReason::ScaledDown),
+    ("idle", StopReason::Idle),
+    ("recycled", StopReason::Recycled),
+    ("recycle_cancelled", StopReason::RecycleCancelled),
+];
+
+fn reason_name(r: StopReason) -> &'static str {
+    STOP_REASONS
+        .iter()
+        .find(|(_, x)| *x == r)
+        .map_or("unwanted", |(n, _)| n)
+}
+
+fn reason_named(name: &str) -> Result<StopReason, String> {
+    STOP_REASONS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, r)| *r)
+        .ok_or_else(|| format!("unknown stop reason {name:?}"))
+}
+
 /// Converts between `Instant` and absolute `CLOCK_MONOTONIC` microseconds.
 #[derive(Debug, Clone, Copy)]
 pub struct Clock {
@@ -98,7 +139,7 @@ impl Clock {
     pub fn now() -> Clock {
         Clock {
             now: Instant::now(),
-            mono: sys::monotonic_usec(),
+            mono: monotonic_usec(),
         }
     }
 
@@ -367,8 +408,8 @@ fn encode_full(st: &State, clock: Clock) -> String {
             .v("phase", phase)
             .o("force_at", ot(force_at))
             .v("code", code)
-            .v("generation", st.generation)
-            .v("last_generation", st.last_generation)
+            .v("serving_generation", st.serving_generation)
+            .v("newest_generation", st.newest_generation)
             .s("last_status", st.last_status.as_bytes())
             .o("reload_at", reload_at)
             .o("reload_result", reload_result)
@@ -376,11 +417,13 @@ fn encode_full(st: &State, clock: Clock) -> String {
             .b("announced", st.announced)
             .o("last_established", ot(st.last_established))
             .b("ready_seen", st.ready_seen)
-            .v("hinted", st.hinted)
+            .v("hinted_generation", st.hinted_generation)
             .o("recycle_retry_at", ot(st.recycle_retry_at))
             .v("recycle_delay", us(st.recycle_delay))
             .o("memory_sample_at", ot(st.memory_sample_at))
-            .v("seed", st.seed),
+            .v("seed", st.seed)
+            .o("watchdog_ping_at", ot(st.watchdog_ping_at))
+            .o("traffic_sample_at", ot(st.traffic_sample_at)),
     );
     if let Some(p) = st.accept_probe {
         push(
@@ -410,6 +453,7 @@ fn encode_full(st: &State, clock: Clock) -> String {
                 .v("kind", kind)
                 .o("slot", slot)
                 .v("started", t(r.started))
+                .o("extend_at", ot(r.extend_at))
                 .v("tickets", tickets(&r.tickets)),
         );
     }
@@ -454,13 +498,16 @@ fn encode_full(st: &State, clock: Clock) -> String {
         );
     }
     for w in &st.workers {
+        // `a`, `b`: the phase's times; `reason`: why it is being stopped.
         let (phase, a, b) = match w.phase {
             WorkerPhase::Starting { deadline, ready_at } => {
                 ("starting", Some(t(deadline)), ot(ready_at))
             }
-            WorkerPhase::Ready { since } => ("ready", Some(t(since)), None),
-            WorkerPhase::Draining { kill_at } => ("draining", Some(t(kill_at)), None),
-            WorkerPhase::Killed => ("killed", None, None),
+            WorkerPhase::Ready { since, last_ping } => {
+                ("ready", Some(t(since)), Some(t(last_ping)))
+            }
+            WorkerPhase::Draining { kill_at, .. } => ("draining", Some(t(kill_at)), None),
+            WorkerPhase::Killed { .. } => ("killed", None, None),
         };
         push(
             Line::new("W")
@@ -472,10 +519,8 @@ fn encode_full(st: &State, clock: Clock) -> String {
                 .o("a", a)
                 .o("b", b)
                 .o("status", w.status.as_deref().map(|x| escape(x.as_bytes())))
-                .b("was_ready", w.was_ready)
                 .b("established", w.established)
-                .o("stop_reason", w.stop_reason.map(|x| escape(x.as_bytes())))
-                .o("last_ping", ot(w.last_ping))
+                .o("reason", w.phase.stop_reason().map(reason_name))
                 .o("recycle_at", ot(w.recycle_at))
                 .o("rss", w.rss)
                 .v("rss_over", w.rss_over),
@@ -659,8 +704,8 @@ pub fn decode_full(text: &str, cfg: Config, clock: Clock) -> Result<State, Strin
                     },
                     p => return Err(format!("unknown phase {p:?}")),
                 };
-                state.generation = r.num("generation")?;
-                state.last_generation = r.num("last_generation")?;
+                state.serving_generation = r.num("serving_generation")?;
+                state.newest_generation = r.num("newest_generation")?;
                 state.last_status = r.string("last_status")?;
                 state.last_reload = match (r.opt_num("reload_at")?, r.opt("reload_result")?) {
                     (Some(at), Some(v)) => Some((
@@ -682,11 +727,13 @@ pub fn decode_full(text: &str, cfg: Config, clock: Clock) -> Result<State, Strin
                 state.announced = r.flag("announced")?;
                 state.last_established = r.opt_num("last_established")?.map(t);
                 state.ready_seen = r.flag("ready_seen")?;
-                state.hinted = r.num("hinted")?;
+                state.hinted_generation = r.num("hinted_generation")?;
                 state.recycle_retry_at = r.opt_num("recycle_retry_at")?.map(t);
                 state.recycle_delay = Duration::from_micros(r.num("recycle_delay")?);
                 state.memory_sample_at = r.opt_num("memory_sample_at")?.map(t);
                 state.seed = r.num("seed")?;
+                state.watchdog_ping_at = r.opt_num("watchdog_ping_at")?.map(t);
+                state.traffic_sample_at = r.opt_num("traffic_sample_at")?.map(t);
             }
             "P" => {
                 state.accept_probe = Some(AcceptProbe {
@@ -708,6 +755,7 @@ pub fn decode_full(text: &str, cfg: Config, clock: Clock) -> Result<State, Strin
                         k => return Err(format!("unknown reload kind {k:?}")),
                     },
                     started: t(r.num("started")?),
+                    extend_at: r.opt_num("extend_at")?.map(t),
                     tickets: tickets(&r, "tickets")?,
                 });
             }
@@ -753,15 +801,28 @@ pub fn decode_full(text: &str, cfg: Config, clock: Clock) -> Result<State, Strin
             }
             "W" => {
                 let a = r.opt_num("a")?.map(t);
+                let b = r.opt_num("b")?.map(t);
                 let need = |x: Option<Instant>| x.ok_or("worker phase without its time");
+                let reason = || -> Result<StopReason, String> {
+                    reason_named(
+                        r.opt("reason")?
+                            .ok_or("a stopping worker without a reason")?,
+                    )
+                };
                 let phase = match r.raw("phase")? {
                     "starting" => WorkerPhase::Starting {
                         deadline: need(a)?,
-                        ready_at: r.opt_num("b")?.map(t),
+                        ready_at: b,
                     },
-                    "ready" => WorkerPhase::Ready { since: need(a)? },
-                    "draining" => WorkerPhase::Draining { kill_at: need(a)? },
-                    "killed" => WorkerPhase::Killed,
+                    "ready" => WorkerPhase::Ready {
+                        since: need(a)?,
+                        last_ping: need(b)?,
+                    },
+                    "draining" => WorkerPhase::Draining {
+                        kill_at: need(a)?,
+                        reason: reason()?,
+                    },
+                    "killed" => WorkerPhase::Killed { reason: reason()? },
                     p => return Err(format!("unknown worker phase {p:?}")),
                 };
                 state.workers.push(Worker {
@@ -771,10 +832,7 @@ pub fn decode_full(text: &str, cfg: Config, clock: Clock) -> Result<State, Strin
                     started: t(r.num("started")?),
                     phase,
                     status: r.opt_string("status")?,
-                    was_ready: r.flag("was_ready")?,
                     established: r.flag("established")?,
-                    stop_reason: r.opt_string("stop_reason")?.map(static_reason),
-                    last_ping: r.opt_num("last_ping")?.map(t),
                     recycle_at: r.opt_num("recycle_at")?.map(t),
                     rss: r.opt_num("rss")?,
                     rss_over: r.num("rss_over")?,
@@ -786,59 +844,37 @@ pub fn decode_full(text: &str, cfg: Config, clock: Clock) -> Result<State, Strin
     if !seen_state {
         return Err("the full section has no S record".into());
     }
-    if state.slots.len() != state.cfg.workers as usize {
-        return Err(format!(
-            "{} slots for {} workers",
-            state.slots.len(),
-            state.cfg.workers
-        ));
+    // The pool's size is its slots (`State::desired`, changed by `scale`).
+    if state.slots.is_empty() && !state.workers.is_empty() {
+        return Err("workers but no slots".into());
     }
+    let desired = state.desired();
     if state
         .workers
         .iter()
-        .any(|w| w.slot >= state.cfg.workers && !stopping(w))
+        .any(|w| w.slot >= desired && w.phase.is_live())
     {
         return Err("a live worker's slot is out of range".into());
     }
     Ok(state)
 }
 
-fn stopping(w: &Worker) -> bool {
-    matches!(w.phase, WorkerPhase::Draining { .. } | WorkerPhase::Killed)
-}
-
-/// `Worker::stop_reason` is a `&'static str` chosen by the state machine: the few distinct
-/// texts are interned, so repeated upgrades do not grow memory.
-fn static_reason(s: String) -> &'static str {
-    static SEEN: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
-    let mut seen = SEEN
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some(r) = seen.iter().find(|r| **r == s) {
-        return r;
-    }
-    let r: &'static str = Box::leak(s.into_boxed_str());
-    if seen.len() < 64 {
-        seen.push(r);
-    }
-    r
-}
-
 /// The state from the base section alone (a snapshot of another version, or a corrupt
 /// full section): the current generation's workers are taken as ready and established,
 /// older ones as draining (their stop signal was sent; SIGKILL after `--stop-timeout`).
 pub fn state_from_base(base: &Base, cfg: Config, now: Instant) -> State {
-    let mut cfg = cfg;
-    cfg.workers = base.workers_wanted;
     let stop_timeout = cfg.stop_timeout;
     let mut state = State::new(cfg);
+    // The pool's size as `scale` left it, not `--workers`.
+    let fresh = Slot::new(&state.cfg);
+    state.slots.resize(base.workers_wanted as usize, fresh);
     let generation = base.workers.iter().map(|w| w.1).max().unwrap_or(1);
-    state.generation = generation;
-    state.last_generation = generation;
+    state.serving_generation = generation;
+    state.newest_generation = generation;
     state.phase = Phase::Running;
     state.announced = true;
     state.ready_seen = true;
-    state.hinted = generation;
+    state.hinted_generation = generation;
     for slot in &mut state.slots {
         slot.generation = generation;
     }
@@ -850,17 +886,18 @@ pub fn state_from_base(base: &Base, cfg: Config, now: Instant) -> State {
             pid: Pid::from_raw(pid),
             started: now,
             phase: if current {
-                WorkerPhase::Ready { since: now }
+                WorkerPhase::Ready {
+                    since: now,
+                    last_ping: now,
+                }
             } else {
                 WorkerPhase::Draining {
                     kill_at: now + stop_timeout,
+                    reason: StopReason::Replaced,
                 }
             },
             status: None,
-            was_ready: true,
             established: true,
-            stop_reason: (!current).then_some("old generation (after an upgrade)"),
-            last_ping: state.cfg.worker_watchdog.map(|_| now),
             recycle_at: None,
             rss: None,
             rss_over: 0,
@@ -1018,6 +1055,7 @@ pub fn current_binary() -> Result<PathBuf, String> {
 mod tests {
     use super::*;
     use crate::config::{ReadyMode, RestartDelay};
+    use crate::supervisor::event::{Action, Event};
     use nix::sys::signal::Signal;
 
     fn cfg(workers: u32) -> Config {
@@ -1034,6 +1072,8 @@ mod tests {
             min_uptime: Duration::from_secs(1),
             max_worker_memory: Some(1 << 30),
             max_worker_age: None,
+            rolling: false,
+            systemd_watchdog: Some(Duration::from_secs(20)),
         }
     }
 
@@ -1064,8 +1104,8 @@ mod tests {
     fn busy_state(now: Instant) -> State {
         let mut s = State::new(cfg(2));
         s.phase = Phase::Running;
-        s.generation = 2;
-        s.last_generation = 3;
+        s.serving_generation = 2;
+        s.newest_generation = 3;
         s.last_status = "2 workers ready, reloading".into();
         s.last_reload = Some((
             now - Duration::from_secs(30),
@@ -1073,7 +1113,9 @@ mod tests {
         ));
         s.announced = true;
         s.ready_seen = true;
-        s.hinted = 3;
+        s.hinted_generation = 3;
+        s.watchdog_ping_at = Some(now + Duration::from_secs(7));
+        s.traffic_sample_at = Some(now + Duration::from_millis(700));
         s.seed = 0xdead_beef;
         s.recycle_retry_at = Some(now + Duration::from_secs(4));
         s.memory_sample_at = Some(now + Duration::from_secs(5));
@@ -1089,6 +1131,7 @@ mod tests {
             kind: ReloadKind::Rolling { slot: 1 },
             started: now - Duration::from_secs(1),
             tickets: vec![5, 6],
+            extend_at: Some(now + Duration::from_secs(4)),
         });
         s.queued = Some(Queued {
             rolling: false,
@@ -1123,12 +1166,10 @@ mod tests {
             started: now - Duration::from_secs(100),
             phase: WorkerPhase::Ready {
                 since: now - Duration::from_secs(99),
+                last_ping: now - Duration::from_millis(500),
             },
             status: Some("serving = fine".into()),
-            was_ready: true,
             established: true,
-            stop_reason: None,
-            last_ping: Some(now - Duration::from_millis(500)),
             recycle_at: Some(now + Duration::from_secs(3600)),
             rss: Some(123_456),
             rss_over: 1,
@@ -1143,10 +1184,7 @@ mod tests {
                 ready_at: Some(now + Duration::from_secs(1)),
             },
             status: None,
-            was_ready: false,
             established: false,
-            stop_reason: None,
-            last_ping: None,
             recycle_at: None,
             rss: None,
             rss_over: 0,
@@ -1158,12 +1196,10 @@ mod tests {
             started: now - Duration::from_secs(500),
             phase: WorkerPhase::Draining {
                 kill_at: now + Duration::from_secs(9),
+                reason: StopReason::Replaced,
             },
             status: None,
-            was_ready: true,
             established: true,
-            stop_reason: Some("old generation"),
-            last_ping: None,
             recycle_at: None,
             rss: None,
             rss_over: 0,
@@ -1191,8 +1227,22 @@ mod tests {
         assert_eq!(back.workers.len(), 3);
         assert_eq!(back.last_status, state.last_status);
         assert_eq!(back.seed, state.seed);
-        assert_eq!(back.generation, 2);
-        assert_eq!(back.last_generation, 3);
+        assert_eq!(back.serving_generation, 2);
+        assert_eq!(back.newest_generation, 3);
+        assert_eq!(back.hinted_generation, 3);
+        assert_eq!(back.desired(), 2);
+        assert!(close(
+            back.watchdog_ping_at.unwrap(),
+            state.watchdog_ping_at.unwrap()
+        ));
+        assert!(close(
+            back.traffic_sample_at.unwrap(),
+            state.traffic_sample_at.unwrap()
+        ));
+        assert!(close(
+            back.reload.as_ref().unwrap().extend_at.unwrap(),
+            state.reload.as_ref().unwrap().extend_at.unwrap()
+        ));
         assert_eq!(back.reload.as_ref().unwrap().tickets, vec![5, 6]);
         assert_eq!(
             back.reload.as_ref().unwrap().kind,
@@ -1217,10 +1267,10 @@ mod tests {
         for (a, b) in back.workers.iter().zip(&state.workers) {
             assert_eq!((a.slot, a.generation, a.pid), (b.slot, b.generation, b.pid));
             assert_eq!(a.status, b.status);
-            assert_eq!(a.stop_reason, b.stop_reason);
+            assert_eq!(a.phase.stop_reason(), b.phase.stop_reason());
             assert_eq!(
-                (a.rss, a.rss_over, a.was_ready),
-                (b.rss, b.rss_over, b.was_ready)
+                (a.rss, a.rss_over, a.established),
+                (b.rss, b.rss_over, b.established)
             );
             assert!(close(a.started, b.started));
             match (a.phase, b.phase) {
@@ -1234,11 +1284,25 @@ mod tests {
                     assert!(close(deadline, d2));
                     assert!(close(ready_at.unwrap(), r2.unwrap()));
                 }
-                (WorkerPhase::Ready { since }, WorkerPhase::Ready { since: s2 }) => {
+                (
+                    WorkerPhase::Ready { since, last_ping },
+                    WorkerPhase::Ready {
+                        since: s2,
+                        last_ping: p2,
+                    },
+                ) => {
                     assert!(close(since, s2));
+                    assert!(close(last_ping, p2));
                 }
-                (WorkerPhase::Draining { kill_at }, WorkerPhase::Draining { kill_at: k2 }) => {
+                (
+                    WorkerPhase::Draining { kill_at, reason },
+                    WorkerPhase::Draining {
+                        kill_at: k2,
+                        reason: r2,
+                    },
+                ) => {
                     assert!(close(kill_at, k2));
+                    assert_eq!(reason, r2);
                 }
                 (x, y) => panic!("phase {x:?} came back as {y:?}"),
             }
@@ -1251,6 +1315,42 @@ mod tests {
         // Encoding the decoded state again gives the same text (up to the clock's µs).
         let again = encode(&base(), &back, clock);
         assert_eq!(again.lines().count(), text.lines().count());
+    }
+
+    #[test]
+    fn an_upgrade_is_an_action_unless_the_supervisor_stops() {
+        let now = Instant::now();
+        let mut s = busy_state(now);
+        let ask = |ticket| Event::Upgrade {
+            ticket,
+            wait: true,
+            binary: Some(PathBuf::from("/x")),
+        };
+        let out = super::super::handle(&mut s, ask(4), now);
+        assert!(out.contains(&Action::Upgrade {
+            ticket: 4,
+            wait: true,
+            binary: Some(PathBuf::from("/x")),
+        }));
+        s.phase = Phase::Stopping {
+            force_at: None,
+            code: 0,
+        };
+        let out = super::super::handle(&mut s, ask(5), now);
+        assert!(
+            out.iter().any(|a| matches!(a, Action::Answer { ticket: 5, result: Err(e) } if e.contains("stopping"))),
+            "{out:?}"
+        );
+        assert!(!out.iter().any(|a| matches!(a, Action::Upgrade { .. })));
+    }
+
+    #[test]
+    fn every_stop_reason_has_a_name() {
+        for (name, r) in STOP_REASONS {
+            assert_eq!(reason_named(name), Ok(*r));
+            assert_eq!(reason_name(*r), *name);
+        }
+        assert!(reason_named("bored").is_err());
     }
 
     #[test]
@@ -1275,8 +1375,8 @@ mod tests {
         assert_eq!(snap.version, 99);
         assert!(snap.full.unwrap_err().contains("format 99"));
         let s = state_from_base(&snap.base, cfg(5), clock.now);
-        assert_eq!(s.cfg.workers, 2, "the worker count comes from the snapshot");
-        assert_eq!(s.generation, 2);
+        assert_eq!(s.desired(), 2, "the pool's size comes from the snapshot");
+        assert_eq!(s.serving_generation, 2);
         let ready: Vec<i32> = s
             .workers
             .iter()

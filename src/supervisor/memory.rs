@@ -5,6 +5,8 @@
 
 use std::collections::HashSet;
 
+use super::procfs::{self, children, resident_pages as rss_pages};
+
 /// At most this many processes are counted per worker (a fork bomb must not make the
 /// sample slow).
 const MAX_PROCESSES: usize = 256;
@@ -12,11 +14,7 @@ const MAX_PROCESSES: usize = 256;
 /// The resident memory in bytes of `pid` and its descendants; `None` when `pid` itself
 /// cannot be read (it is gone).
 pub fn tree_rss(pid: i32) -> Option<u64> {
-    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-        .ok()
-        .flatten()
-        .and_then(|p| u64::try_from(p).ok())
-        .unwrap_or(4096);
+    let page = procfs::page_size();
     let mut total = rss_pages(pid)? * page;
     let mut seen = HashSet::from([pid]);
     let mut todo = children(pid);
@@ -30,28 +28,6 @@ pub fn tree_rss(pid: i32) -> Option<u64> {
         }
     }
     Some(total)
-}
-
-/// The second field of `/proc/PID/statm`: resident pages.
-fn rss_pages(pid: i32) -> Option<u64> {
-    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
-    statm.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// The children of every thread of `pid` (needs CONFIG_PROC_CHILDREN; none without).
-fn children(pid: i32) -> Vec<i32> {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Vec::new();
-    };
-    tasks
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
-        .flat_map(|text| {
-            text.split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect::<Vec<i32>>()
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -1,14 +1,20 @@
-//! The supervisor's state: nouns only. Transitions live in `handle.rs`.
+//! The supervisor's state: nouns and queries only, plain data (no closures, no `Rc`) so
+//! that it can be inspected, tested and serialized. Transitions live in `handle.rs`.
 //!
 //! A worker is identified by its pid; its `slot` (WORKER_ID) and `generation` are separate
 //! because during a reload two generations overlap and both have a worker in each slot.
+//! Generations, one name each: `Worker::generation` (what it runs), `Slot::generation`
+//! (what the slot refills with), `State::serving_generation` (the pool's, after the last
+//! successful reload), `State::newest_generation` (the highest number used),
+//! `Reload::generation` (the one being rolled out). The pool's size is `State::desired()`
+//! (one `Slot` each); `Config` is static.
 
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
-use super::event::{ExitKind, Ticket, WorkerTag};
+use super::event::{ExitKind, Ticket, WorkerTag, human};
 use crate::config::{AgeLimit, ReadyMode, RestartDelay};
 
 /// A slot is refilled with the minimum delay again once its worker stayed up this long.
@@ -17,7 +23,8 @@ pub const STABLE_AFTER: Duration = Duration::from_secs(10);
 /// A slot that fails to start this many times in a row gives up: while the first
 /// generation is starting, at once (bad command, crash at boot); later, once every slot
 /// did so and no worker stayed up for `GIVE_UP_QUIET` (a crash loop after a good start).
-pub const START_ATTEMPTS: u32 = 3;
+/// Defined in `settings` because the units' start timeout is derived from it.
+pub use crate::settings::START_ATTEMPTS;
 
 /// After the first generation served: give up on a crash loop only when no worker stayed
 /// up (ready for `--min-uptime`) for this long, so that a storm of outside kills, where
@@ -42,9 +49,17 @@ pub const MEMORY_SAMPLE_EVERY: Duration = Duration::from_secs(5);
 /// ... and a worker above the limit in this many samples in a row is recycled.
 pub const MEMORY_SAMPLES: u32 = 2;
 
+/// While a reload runs, systemd's reload timeout is pushed out by `EXTEND_BY`, every
+/// `EXTEND_EVERY`, for as long as the reload is within its own time budget
+/// (`Reload::budget`).
+pub const EXTEND_EVERY: Duration = Duration::from_secs(5);
+pub const EXTEND_BY: Duration = Duration::from_secs(15);
+
 /// The supervisor's settings, resolved from the command line.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The number of workers at start; `scale` changes the pool (`State::desired`), never
+    /// this.
     pub workers: u32,
     pub ready: ReadyMode,
     pub ready_timeout: Duration,
@@ -65,8 +80,73 @@ pub struct Config {
     pub max_worker_memory: Option<u64>,
     /// `--max-worker-age`: recycle a worker older than its own (jittered) limit.
     pub max_worker_age: Option<AgeLimit>,
+    /// `--reload-strategy rolling`: SIGHUP and `reload` replace one slot at a time.
+    pub rolling: bool,
+    /// systemd's watchdog for the supervisor (`WATCHDOG_USEC`): pinged every half of it.
+    pub systemd_watchdog: Option<Duration>,
 }
 
+impl Config {
+    /// With `--exit-idle-after`: how often the sockets' traffic is sampled (a tenth of the
+    /// idle timeout, within 200 ms .. 5 s).
+    pub fn traffic_sample_every(&self) -> Option<Duration> {
+        self.exit_idle_after
+            .map(|d| (d / 10).clamp(Duration::from_millis(200), Duration::from_secs(5)))
+    }
+}
+
+/// Why a worker is being stopped. Decides how its exit is treated (`is_failure`); the log
+/// text comes from `Display`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// A newer generation took over its slot.
+    Replaced,
+    /// The supervisor is stopping.
+    Shutdown,
+    /// It was not ready within `--ready-timeout`.
+    ReadyTimeout,
+    /// Its generation was rolled back.
+    RolledBack,
+    /// It was spawned for a slot or generation that no longer needs it.
+    Unwanted,
+    /// It missed its `--worker-watchdog`.
+    Watchdog,
+    /// Its slot was removed by `scale`.
+    ScaledDown,
+    /// `--lazy`: no connection for `--exit-idle-after`.
+    Idle,
+    /// Its replacement took over (`--max-worker-memory`, `--max-worker-age`).
+    Recycled,
+    /// It was the replacement of a recycle that was cancelled.
+    RecycleCancelled,
+}
+
+impl StopReason {
+    /// Stopped because it failed (its exit is a failed start or a crash), not on request.
+    pub fn is_failure(self) -> bool {
+        matches!(self, StopReason::ReadyTimeout | StopReason::Watchdog)
+    }
+}
+
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StopReason::Replaced => "replaced by a newer generation",
+            StopReason::Shutdown => "supervisor stopping",
+            StopReason::ReadyTimeout => "not ready in time",
+            StopReason::RolledBack => "its generation was rolled back",
+            StopReason::Unwanted => "not wanted any more",
+            StopReason::Watchdog => "missed its watchdog",
+            StopReason::ScaledDown => "scaled down",
+            StopReason::Idle => "idle",
+            StopReason::Recycled => "recycled",
+            StopReason::RecycleCancelled => "its recycle was cancelled",
+        })
+    }
+}
+
+/// Where a worker is in its life. The data that only means something in one phase lives
+/// in that phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WorkerPhase {
     /// Running, not ready yet. Killed at `deadline`; with `--ready after:DUR`, ready at
@@ -75,15 +155,38 @@ pub enum WorkerPhase {
         deadline: Instant,
         ready_at: Option<Instant>,
     },
-    Ready {
-        since: Instant,
-    },
-    /// Sent the stop signal; SIGKILLed at `kill_at` if still alive.
+    /// Ready since `since`; `last_ping` is its last `WATCHDOG=1` (or `since`), for
+    /// `--worker-watchdog`.
+    Ready { since: Instant, last_ping: Instant },
+    /// Sent the stop signal for `reason`; SIGKILLed at `kill_at` if still alive.
     Draining {
         kill_at: Instant,
+        reason: StopReason,
     },
-    /// Sent SIGKILL; waiting to reap it.
-    Killed,
+    /// Sent SIGKILL (for `reason`); waiting to reap it.
+    Killed { reason: StopReason },
+}
+
+impl WorkerPhase {
+    /// Starting or ready: not being stopped.
+    pub fn is_live(&self) -> bool {
+        matches!(
+            self,
+            WorkerPhase::Starting { .. } | WorkerPhase::Ready { .. }
+        )
+    }
+
+    pub fn is_ready(&self) -> bool {
+        matches!(self, WorkerPhase::Ready { .. })
+    }
+
+    /// Why it is being stopped, once it is.
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        match *self {
+            WorkerPhase::Draining { reason, .. } | WorkerPhase::Killed { reason } => Some(reason),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -95,15 +198,9 @@ pub struct Worker {
     pub phase: WorkerPhase,
     /// The worker's own `STATUS=` text.
     pub status: Option<String>,
-    /// True once it was ever ready.
-    pub was_ready: bool,
     /// True once it stayed up `--min-uptime` after it was ready: only then did it start
     /// (an exit before is a failed start, and a reload waits for it).
     pub established: bool,
-    /// Why it is being stopped, if it is (used to word the exit log line).
-    pub stop_reason: Option<&'static str>,
-    /// The last `WATCHDOG=1` (or the moment it became ready), with `--worker-watchdog`.
-    pub last_ping: Option<Instant>,
     /// With `--max-worker-age`: when this worker reaches its own age limit.
     pub recycle_at: Option<Instant>,
     /// With `--max-worker-memory`: the last resident memory sampled (bytes), and in how
@@ -218,6 +315,21 @@ pub struct Reload {
     pub kind: ReloadKind,
     pub started: Instant,
     pub tickets: Vec<Ticket>,
+    /// The next `EXTEND_TIMEOUT_USEC=` to systemd; `None` once past `budget`.
+    pub extend_at: Option<Instant>,
+}
+
+impl Reload {
+    /// How long this reload may legitimately take: per step (the whole pool for a surge,
+    /// each slot for a rolling restart) `--ready-timeout` + `--min-uptime` +
+    /// `--stop-timeout` (a coalesced reload may wait for a draining generation).
+    pub fn budget(&self, cfg: &Config, workers: u32) -> Duration {
+        let steps = match self.kind {
+            ReloadKind::Surge => 1,
+            ReloadKind::Rolling { .. } => workers.max(1),
+        };
+        (cfg.ready_timeout + cfg.min_uptime + cfg.stop_timeout) * steps
+    }
 }
 
 /// A reload asked for while another one runs: coalesced into one more after it.
@@ -231,10 +343,12 @@ pub struct Queued {
 pub struct State {
     pub cfg: Config,
     pub phase: Phase,
-    /// The generation that serves (after a successful reload: the new one).
-    pub generation: u32,
-    /// The highest generation number ever used (rolled-back ones included).
-    pub last_generation: u32,
+    /// The generation that serves (after a successful reload: the new one). Each slot
+    /// runs its own `Slot::generation`, which a rolling restart moves one by one.
+    pub serving_generation: u32,
+    /// The highest generation number ever used (rolled-back ones included): the next
+    /// one started is this plus one.
+    pub newest_generation: u32,
     pub workers: Vec<Worker>,
     pub slots: Vec<Slot>,
     pub reload: Option<Reload>,
@@ -253,7 +367,7 @@ pub struct State {
     /// A worker ever sent READY=1 (decides whether errors hint at `--ready`).
     pub ready_seen: bool,
     /// The highest generation whose missing `READY=1` was already reported.
-    pub hinted: u32,
+    pub hinted_generation: u32,
     /// The pending check that the serving generation accepts connections.
     pub accept_probe: Option<AcceptProbe>,
     /// The slot being recycled, if one is.
@@ -266,6 +380,10 @@ pub struct State {
     pub memory_sample_at: Option<Instant>,
     /// Seeds each worker's jittered age limit (the executor sets a random one).
     pub seed: u64,
+    /// The next ping of systemd's watchdog (`Config::systemd_watchdog`).
+    pub watchdog_ping_at: Option<Instant>,
+    /// With `--exit-idle-after`: the next traffic sample of the sockets.
+    pub traffic_sample_at: Option<Instant>,
 }
 
 /// A scheduled look at the accept queues: are connections waiting that nobody accepts?
@@ -288,8 +406,8 @@ impl State {
         State {
             cfg,
             phase: Phase::Starting,
-            generation: 1,
-            last_generation: 1,
+            serving_generation: 1,
+            newest_generation: 1,
             workers: Vec::new(),
             slots,
             reload: None,
@@ -300,14 +418,44 @@ impl State {
             announced: false,
             last_established: None,
             ready_seen: false,
-            hinted: 0,
+            hinted_generation: 0,
             accept_probe: None,
             recycle: None,
             recycle_retry_at: None,
             recycle_delay: cfg_restart_min,
             memory_sample_at: None,
             seed: 0,
+            watchdog_ping_at: None,
+            traffic_sample_at: None,
         }
+    }
+
+    /// How many workers the pool should run now (one slot each): `--workers` at start,
+    /// then whatever `scale` set.
+    pub fn desired(&self) -> u32 {
+        u32::try_from(self.slots.len()).unwrap_or(u32::MAX)
+    }
+
+    /// Does `slot` run `generation` (its refills start that generation)?
+    pub fn slot_runs(&self, slot: u32, generation: u32) -> bool {
+        self.slots
+            .get(slot as usize)
+            .is_some_and(|s| s.generation == generation)
+    }
+
+    /// Is `w` of its slot's generation (not an old one draining, nor a new one being
+    /// rolled out)?
+    pub fn is_current(&self, w: &Worker) -> bool {
+        self.slot_runs(w.slot, w.generation)
+    }
+
+    /// Is `generation` being rolled out by the reload in progress, and not yet accepted
+    /// for `slot`?
+    pub fn in_rollout(&self, slot: u32, generation: u32) -> bool {
+        self.reload
+            .as_ref()
+            .is_some_and(|r| r.generation == generation)
+            && !self.slot_runs(slot, generation)
     }
 
     pub fn worker(&self, pid: Pid) -> Option<&Worker> {
@@ -340,7 +488,7 @@ impl State {
     /// The earliest armed deadline, if any: the executor sleeps until then (or forever).
     pub fn next_deadline(&self) -> Option<Instant> {
         let hint = |w: &Worker| {
-            (self.cfg.ready == ReadyMode::Notify && w.generation > self.hinted)
+            (self.cfg.ready == ReadyMode::Notify && w.generation > self.hinted_generation)
                 .then_some(w.started + NO_READY_HINT_AFTER)
         };
         let workers = self.workers.iter().filter_map(|w| match w.phase {
@@ -348,18 +496,15 @@ impl State {
                 let first = ready_at.map_or(deadline, |r| r.min(deadline));
                 Some(hint(w).map_or(first, |h| h.min(first)))
             }
-            WorkerPhase::Draining { kill_at } => Some(kill_at),
-            WorkerPhase::Ready { since } => {
-                let watchdog = self
-                    .cfg
-                    .worker_watchdog
-                    .and_then(|wd| w.last_ping.map(|p| p + wd));
+            WorkerPhase::Draining { kill_at, .. } => Some(kill_at),
+            WorkerPhase::Ready { since, last_ping } => {
+                let watchdog = self.cfg.worker_watchdog.map(|wd| last_ping + wd);
                 let established = (!w.established).then_some(since + self.cfg.min_uptime);
                 // Only when a recycle could start (else the deadline may be long past).
                 let age = w.recycle_at.filter(|_| self.may_recycle());
                 watchdog.into_iter().chain(established).chain(age).min()
             }
-            WorkerPhase::Killed => None,
+            WorkerPhase::Killed { .. } => None,
         });
         let slots = self.slots.iter().filter_map(|s| s.respawn_at);
         let phase = match self.phase {
@@ -374,7 +519,14 @@ impl State {
             Phase::Running => self.accept_probe.map(|p| p.at),
             _ => None,
         };
-        let recycling = [self.recycle_retry_at, self.memory_sample_at];
+        let extend = self.reload.as_ref().and_then(|r| r.extend_at);
+        let recycling = [
+            self.recycle_retry_at,
+            self.memory_sample_at,
+            self.watchdog_ping_at,
+            self.traffic_sample_at,
+            extend,
+        ];
         workers
             .chain(slots)
             .chain(phase)
@@ -394,17 +546,82 @@ impl State {
             && self.slots.iter().all(|s| s.respawn_at.is_none())
             // The previous recycle's old worker (or any of the pool's) is not still draining.
             && !self.workers.iter().any(|w| {
-                matches!(w.phase, WorkerPhase::Draining { .. } | WorkerPhase::Killed)
-                    && self
-                        .slots
-                        .get(w.slot as usize)
-                        .is_some_and(|s| s.generation == w.generation)
+                !w.phase.is_live()
+                    && self.is_current(w)
             })
-            && (0..self.cfg.workers).all(|slot| {
+            && (0..self.desired()).all(|slot| {
                 let g = self.slots[slot as usize].generation;
                 self.live_in(g, slot)
                     .is_some_and(|w| w.established && matches!(w.phase, WorkerPhase::Ready { .. }))
             })
+    }
+}
+
+impl State {
+    /// Established workers (ready, and up for `--min-uptime` since) of their slot's
+    /// current generation.
+    pub fn established_count_current(&self) -> usize {
+        self.workers
+            .iter()
+            .filter(|w| {
+                w.established && matches!(w.phase, WorkerPhase::Ready { .. }) && self.is_current(w)
+            })
+            .count()
+    }
+
+    /// Ready workers that belong to their slot's current generation.
+    pub fn ready_count_current(&self) -> usize {
+        self.workers
+            .iter()
+            .filter(|w| matches!(w.phase, WorkerPhase::Ready { .. }) && self.is_current(w))
+            .count()
+    }
+
+    /// The one-line STATUS= text for systemd.
+    pub fn status_line(&self) -> String {
+        let n = self.desired();
+        let ready = self.ready_count_current();
+        match (&self.phase, &self.reload) {
+            (Phase::Stopping { .. }, _) => {
+                format!("stopping: {} worker(s) left", self.workers.len())
+            }
+            (Phase::Idle, _) => "idle: no workers, waiting for a connection".to_string(),
+            (Phase::Starting, _)
+                if ready == 0 && self.hinted_generation >= self.serving_generation =>
+            {
+                format!(
+                    "starting: 0/{n} workers ready (no READY=1 yet: see --ready after:DUR, --ready exec)"
+                )
+            }
+            (Phase::Starting, _) if ready == n as usize && n > 0 => format!(
+                "starting: {n}/{n} workers ready, waiting --min-uptime {}",
+                human(self.cfg.min_uptime)
+            ),
+            (Phase::Starting, _) => format!("starting: {ready}/{n} workers ready"),
+            (Phase::Running, Some(r)) => format!(
+                "reloading to generation {}: {}/{n} new workers ready; {ready}/{n} serving",
+                r.generation,
+                self.ready_count(r.generation)
+            ),
+            (Phase::Running, None) => {
+                let ready = ready.min(n as usize);
+                let mut s = format!(
+                    "{ready}/{n} workers ready, generation {}",
+                    self.serving_generation
+                );
+                if let Some(r) = &self.recycle {
+                    let _ = std::fmt::Write::write_fmt(
+                        &mut s,
+                        format_args!("; recycling worker {} ({})", r.slot, r.reason.kind()),
+                    );
+                }
+                if let Some((_, Err(e))) = &self.last_reload {
+                    s.push_str("; last ");
+                    s.push_str(e);
+                }
+                s
+            }
+        }
     }
 }
 

@@ -15,34 +15,32 @@ use std::time::{Duration, Instant};
 use nix::unistd::Pid;
 
 use super::Executor;
-use super::event::{Action, Event};
+use super::event::{Event, Ticket};
 use super::handover::{self, Base, Clock, Snapshot};
-use super::state::{Config, Phase};
+use super::state::Phase;
 use crate::control::ControlSocket;
 use crate::error::{Error, Result};
-use crate::notify::{NotifySocket, Upstream};
+use crate::notify::NotifySocket;
 use crate::sockets::Listeners;
 use crate::sys;
 
-/// An `upgrade` request waiting for the end of the current batch.
+/// An `upgrade` request (`Action::Upgrade`) waiting for the end of the current batch; its
+/// client waits under `ticket`.
 #[derive(Debug)]
 pub struct Request {
-    pub stream: UnixStream,
+    pub ticket: Ticket,
     pub wait: bool,
     pub binary: Option<PathBuf>,
-    /// When it arrived (monotonic µs), for the "resumed in" figure.
+    /// When it was accepted (monotonic µs), for the "resumed in" figure.
     pub requested: u64,
 }
 
-impl Request {
-    pub fn new(stream: UnixStream, wait: bool, binary: Option<PathBuf>) -> Request {
-        Request {
-            stream,
-            wait,
-            binary,
-            requested: sys::monotonic_usec(),
-        }
-    }
+/// The upgrade being carried out, with its client's connection.
+struct UpgradeCall {
+    stream: UnixStream,
+    wait: bool,
+    binary: Option<PathBuf>,
+    requested: u64,
 }
 
 /// What the new image took over, until `Executor::resumed` runs.
@@ -62,6 +60,8 @@ pub struct Resume {
 pub struct Resumed {
     client: Option<UnixStream>,
     from_version: String,
+    /// The snapshot's hand-over format.
+    format: u32,
     requested: u64,
     /// Why only the base section could be used, if so.
     fallback: Option<String>,
@@ -121,10 +121,9 @@ impl Resume {
     pub fn apply(self, sup: &mut Executor) {
         let clock = Clock::now();
         let base = &self.snapshot.base;
-        let cfg = Config {
-            workers: base.workers_wanted,
-            ..sup.state.cfg.clone()
-        };
+        // `--workers` and the rest of the command line are the same (same argv); the pool's
+        // size as `scale` left it comes with the slots.
+        let cfg = sup.state.cfg.clone();
         let full = self
             .snapshot
             .full
@@ -138,6 +137,9 @@ impl Resume {
             ),
         };
         sup.state = state;
+        // systemd's watchdog: pinged by the first tick (the old image's schedule is not
+        // trusted across an exec of unknown length).
+        sup.state.watchdog_ping_at = sup.state.cfg.systemd_watchdog.map(|_| Instant::now());
         sup.next_ticket = base.next_ticket;
         sup.started = clock.instant(base.started);
         for (ticket, fd) in self.waiting {
@@ -158,6 +160,7 @@ impl Resume {
         sup.resumed = Some(Resumed {
             client: self.client.map(UnixStream::from),
             from_version: base.from_version.clone(),
+            format: self.snapshot.version,
             requested: base.requested,
             fallback,
         });
@@ -165,9 +168,33 @@ impl Resume {
 }
 
 impl Executor {
+    /// `Action::Upgrade`: the exec waits for the end of the batch (`Executor::run`).
+    pub(super) fn ask_upgrade(&mut self, ticket: Ticket, wait: bool, binary: Option<PathBuf>) {
+        if self.upgrade.is_some() {
+            return self.answer(ticket, Err("an upgrade is already under way".into()));
+        }
+        self.upgrade = Some(Request {
+            ticket,
+            wait,
+            binary,
+            requested: handover::monotonic_usec(),
+        });
+    }
+
     /// Carries out an `upgrade` request: only returns if the exec failed or was refused
     /// (the client got the reason, everything goes on as before).
-    pub(super) fn upgrade(&mut self, req: Request) {
+    pub(super) fn upgrade(&mut self, ask: Request) {
+        // The client is answered here or by the new image, not through `waiting`.
+        let Some(i) = self.waiting.iter().position(|(t, _)| *t == ask.ticket) else {
+            return;
+        };
+        let (_, stream) = self.waiting.swap_remove(i);
+        let req = UpgradeCall {
+            stream,
+            wait: ask.wait,
+            binary: ask.binary,
+            requested: ask.requested,
+        };
         let refuse = |sup: &mut Executor, stream, why: String| {
             tracing::warn!("upgrade refused: {why}");
             sup.reply(stream, Err(why));
@@ -205,7 +232,7 @@ impl Executor {
         let base = Base {
             from_binary: from_binary.clone(),
             from_version: handover::version(),
-            written: sys::monotonic_usec(),
+            written: handover::monotonic_usec(),
             requested: req.requested,
             started: clock.usec(self.started),
             notify: (
@@ -229,7 +256,7 @@ impl Executor {
                 .zip(self.listeners.addresses.iter().cloned())
                 .collect(),
             created_paths: self.listeners.created_paths().to_vec(),
-            workers_wanted: self.state.cfg.workers,
+            workers_wanted: self.state.desired(),
             workers: self
                 .state
                 .workers
@@ -322,7 +349,7 @@ impl Executor {
     /// The new image's first step: reap what exited during the exec, tell systemd
     /// (`WATCHDOG=1`, `STATUS=`), answer the `upgrade --wait` client.
     pub(super) fn resumed(&mut self, r: Resumed) {
-        let took = Duration::from_micros(sys::monotonic_usec().saturating_sub(r.requested));
+        let took = Duration::from_micros(handover::monotonic_usec().saturating_sub(r.requested));
         if let Some(why) = &r.fallback {
             tracing::warn!(
                 "resumed from the base hand-over state only ({why}): workers are kept and \
@@ -330,18 +357,25 @@ impl Executor {
             );
         }
         tracing::info!(
-            "upgrade: resumed as clusterctl {} (was {}) in {}ms, pid {} unchanged, {} workers kept",
+            "upgrade: resumed as clusterctl {} (was {}, hand-over format {}) in {}ms, pid {} \
+             unchanged, {} workers kept",
             handover::version(),
             r.from_version,
+            r.format,
             took.as_millis(),
             std::process::id(),
             self.state.workers.len()
         );
-        if let Some(interval) = self.watchdog {
-            self.execute(Action::Notify(vec![Upstream::Watchdog]));
-            self.next_ping = Some(Instant::now() + interval / 2);
-        }
         self.reap();
+        // pidfds do not survive the exec (they are close-on-exec like every other fd we
+        // do not hand over): each worker left is still our unreaped child, so its pid
+        // cannot have been reused and `pidfd_open` gets the same process.
+        let pids: Vec<Pid> = self.state.workers.iter().map(|w| w.pid).collect();
+        for pid in pids {
+            if sys::is_child(pid) {
+                self.open_pidfd(pid);
+            }
+        }
         // A worker reaped by something else that ran in this pid (a wrapper script given
         // as --binary) is gone without an exit status for us: it is handled as lost.
         let vanished: Vec<Pid> = self

@@ -13,125 +13,15 @@ mod spec;
 mod unquote;
 mod version;
 
-use std::ffi::OsString;
-use std::path::PathBuf;
-
-use clap::{Args, ValueHint};
-
-use crate::cli::SupervisorOpts;
-use crate::config::{Dur, ListenSpec};
+use crate::cli::GenUnitsArgs;
 use crate::error::Result;
 
-pub use quote::shell_word;
-pub use render::{UnitFile, Units};
-pub use spec::{Hardening, Host, LogRateLimit, System, UnitSpec};
-pub use version::VersionArg;
-
-pub const GEN_UNITS_EXAMPLES: &str = "Examples:
-  # Print the units for 4 workers of a Python server on port 8080 (systemd version of this
-  # machine, clusterctl at its current path):
-  clusterctl gen-units myapp --listen 8080 --workers 4 -- python3 -m myserver
-
-  # Write them for a Debian 12 host (systemd 252), Node app, JIT-compatible sandboxing:
-  clusterctl gen-units web --listen web=127.0.0.1:3000 --hardening jit \\
-      --systemd-version 252 --clusterctl /usr/bin/clusterctl \\
-      --environment NODE_ENV=production -o /etc/systemd/system -- /usr/bin/node /srv/web/server.js
-
-  # A user service (systemctl --user):
-  clusterctl gen-units dev --listen 8000 --user-units -o ~/.config/systemd/user -- ./server
-
-Every argument after -- reaches the worker unchanged: gen-units quotes it for systemd
-(spaces, quotes, backslashes, %, $). A relative CMD is resolved now (PATH, or the current
-directory for ./x) to an absolute path. -o refuses to replace a file with different content
-unless --force is given. See units/README.md for checked-in examples.";
-
-/// `clusterctl gen-units APP [OPTIONS] -- CMD [ARGS...]`.
-#[derive(Debug, Args)]
-pub struct GenUnitsArgs {
-    /// Unit name prefix: renders APP.socket and APP.service (ASCII letters, digits, '_', '.',
-    /// '-')
-    #[arg(value_name = "APP")]
-    pub app: String,
-
-    /// Socket systemd listens on (ListenStream=): PORT, HOST:PORT, `[V6]:PORT` or unix:/PATH,
-    /// optionally named NAME=ADDRESS (FileDescriptorName=; one name for all) (repeatable)
-    #[arg(long = "listen", value_name = "SPEC", required = true)]
-    pub listen: Vec<ListenSpec>,
-
-    #[command(flatten)]
-    pub opts: SupervisorOpts,
-
-    /// WatchdogSec=: systemd restarts the service if clusterctl stops pinging this long
-    #[arg(long, value_name = "DUR")]
-    pub watchdog: Option<Dur>,
-
-    /// Run as this existing user (User=) instead of a dynamic one (DynamicUser=yes)
-    #[arg(long, value_name = "NAME")]
-    pub user: Option<String>,
-
-    /// Run with this group (Group=)
-    #[arg(long, value_name = "NAME")]
-    pub group: Option<String>,
-
-    /// WorkingDirectory= of clusterctl and its workers (absolute) [default: the directory
-    /// gen-units runs in]
-    #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
-    pub working_directory: Option<PathBuf>,
-
-    /// Environment variable for clusterctl and its workers (Environment=) (repeatable)
-    #[arg(long, value_name = "KEY=VALUE")]
-    pub environment: Vec<String>,
-
-    /// File of KEY=VALUE lines read by systemd at start (EnvironmentFile=, absolute)
-    #[arg(long, value_name = "PATH", value_hint = ValueHint::FilePath)]
-    pub environment_file: Option<PathBuf>,
-
-    /// Sandboxing [default: strict, or jit when the worker command is a JIT runtime such as
-    /// node, java, dotnet, bun, deno, pypy or luajit]
-    #[arg(long, value_enum, value_name = "LEVEL")]
-    pub hardening: Option<Hardening>,
-
-    /// systemd version of the machine that will run the units (sandboxing settings newer
-    /// than it are left out), or `auto` to ask `systemctl --version` here
-    #[arg(long, value_name = "N|auto", default_value = "auto")]
-    pub systemd_version: VersionArg,
-
-    /// journald rate limit of the unit, shared by clusterctl and its workers, as
-    /// BURST/INTERVAL (e.g. 10000/30s) [default: off, so clusterctl's own lines are never
-    /// dropped because a worker logs a lot]
-    #[arg(long, value_name = "BURST/INTERVAL")]
-    pub log_rate_limit: Option<LogRateLimit>,
-
-    /// Description= of the service (default: "APP (clusterctl)")
-    #[arg(long, value_name = "TEXT")]
-    pub description: Option<String>,
-
-    /// Render units for a user manager (systemctl --user): WantedBy=default.target, no
-    /// User=/DynamicUser=, only sandboxing that works without privileges
-    #[arg(long)]
-    pub user_units: bool,
-
-    /// Absolute path of clusterctl on the target machine (default: this binary; see README
-    /// "Installing")
-    #[arg(long, value_name = "PATH", value_hint = ValueHint::ExecutablePath)]
-    pub clusterctl: Option<PathBuf>,
-
-    /// Write APP.socket and APP.service into DIR (created if missing) instead of printing
-    /// them
-    #[arg(short = 'o', long, value_name = "DIR", value_hint = ValueHint::DirPath)]
-    pub output_dir: Option<PathBuf>,
-
-    /// With -o: replace existing files whose content differs
-    #[arg(long, requires = "output_dir")]
-    pub force: bool,
-
-    /// The worker command and its arguments
-    #[arg(last = true, required = true, value_name = "CMD",
-          value_hint = ValueHint::CommandWithArguments)]
-    pub command: Vec<OsString>,
-}
+pub(crate) use quote::shell_word;
+pub(crate) use render::Units;
+pub(crate) use spec::{Host, System, UnitSpec};
 
 /// Checks and renders both units without writing anything.
+#[cfg(test)]
 pub fn render_units(args: &GenUnitsArgs, host: &dyn Host) -> Result<Units> {
     Ok(check_and_render(args, host)?.1)
 }
@@ -184,7 +74,11 @@ mod tests {
 
     use super::unquote::{parse_command_line, parse_env_line, resolve_literal};
     use super::*;
+    use crate::cli::Hardening;
+    use crate::config::{LogRateLimit, VersionArg};
     use crate::error::Error;
+    use std::ffi::OsString;
+    use std::path::PathBuf;
 
     /// A machine with systemd 252, clusterctl in /usr/bin, and `python3` in /usr/bin.
     struct FakeHost;
@@ -281,14 +175,17 @@ mod tests {
             Some("/usr/bin/clusterctl run -- /srv/worker")
         );
         assert_eq!(value(se, "WorkingDirectory").as_deref(), Some("/srv/app"));
-        assert_eq!(value(se, "LogRateLimitIntervalSec").as_deref(), Some("0"));
+        assert_eq!(value(se, "LogRateLimitIntervalSec").as_deref(), Some("1s"));
         assert_eq!(value(se, "Type").as_deref(), Some("notify"));
         assert!(
-            se.contains("211s = 3 start attempts x --ready-timeout 1min\n# + 300ms backoff"),
+            se.contains(
+                "214s = 3 start attempts x (--ready-timeout 1min + --min-uptime 1s)\n# + 300ms \
+                 backoff"
+            ),
             "{se}"
         );
         assert_eq!(value(se, "KillMode").as_deref(), Some("mixed"));
-        assert_eq!(value(se, "TimeoutStartSec").as_deref(), Some("211s"));
+        assert_eq!(value(se, "TimeoutStartSec").as_deref(), Some("214s"));
         assert_eq!(value(se, "TimeoutStopSec").as_deref(), Some("45s"));
         assert_eq!(value(se, "Restart").as_deref(), Some("on-failure"));
         assert_eq!(value(se, "RestartPreventExitStatus").as_deref(), Some("78"));
@@ -355,8 +252,12 @@ mod tests {
     #[test]
     fn journald_rate_limit() {
         let off = render(BASIC).service.content;
-        assert_eq!(value(&off, "LogRateLimitIntervalSec").as_deref(), Some("0"));
-        assert_eq!(value(&off, "LogRateLimitBurst"), None);
+        // Not `0`: systemd treats a zero interval as unset and applies journald's default.
+        assert_eq!(
+            value(&off, "LogRateLimitIntervalSec").as_deref(),
+            Some("1s")
+        );
+        assert_eq!(value(&off, "LogRateLimitBurst").as_deref(), Some("1000000"));
         let on = render(&[
             "demo",
             "--listen",
@@ -473,7 +374,7 @@ mod tests {
         let w = warn(&[
             "demo",
             "--listen",
-            "80",
+            "127.0.0.1:80",
             "--clusterctl",
             "/tmp/c/target/release/clusterctl",
             "--",
@@ -490,7 +391,7 @@ mod tests {
         let w = warn(&[
             "demo",
             "--listen",
-            "80",
+            "127.0.0.1:80",
             "--clusterctl",
             "/opt/c/target/debug/clusterctl",
             "--",
@@ -500,12 +401,12 @@ mod tests {
             w.len() == 1 && w[0].contains("cargo build directory"),
             "{w:?}"
         );
-        let w = warn(&["demo", "--listen", "80", "--", "/root/app/server"]);
+        let w = warn(&["demo", "--listen", "127.0.0.1:80", "--", "/root/app/server"]);
         assert!(w.len() == 1 && w[0].contains("DynamicUser="), "{w:?}");
         let w = warn(&[
             "demo",
             "--listen",
-            "80",
+            "127.0.0.1:80",
             "--working-directory",
             "/var/tmp/app",
             "--",
@@ -516,7 +417,7 @@ mod tests {
         let w = warn(&[
             "demo",
             "--listen",
-            "80",
+            "127.0.0.1:80",
             "--user-units",
             "--working-directory",
             "/home/me",
@@ -525,7 +426,32 @@ mod tests {
         ]);
         assert!(w.is_empty(), "{w:?}");
         // Nothing to say about installed programs.
-        assert!(warn(BASIC).is_empty());
+        assert!(warn(&["demo", "--listen", "127.0.0.1:8080", "--", "/srv/worker"]).is_empty());
+    }
+
+    #[test]
+    fn a_bare_port_or_any_address_warns_that_it_listens_everywhere() {
+        let warnings = |listen: &str| {
+            UnitSpec::from_args(&args(&["demo", "--listen", listen, "--", "/x"]), &FakeHost)
+                .unwrap()
+                .warnings
+        };
+        for listen in ["8080", "0.0.0.0:8080", "[::]:8080", "web=8080"] {
+            let w = warnings(listen);
+            assert!(
+                w.iter().any(|w| w.contains("listens on every interface")
+                    && w.contains("--listen 127.0.0.1:8080")),
+                "{listen}: {w:?}"
+            );
+        }
+        for listen in ["127.0.0.1:8080", "[::1]:8080", "unix:/run/demo.sock"] {
+            assert!(
+                !warnings(listen)
+                    .iter()
+                    .any(|w| w.contains("every interface")),
+                "{listen}"
+            );
+        }
     }
 
     #[test]
@@ -643,7 +569,7 @@ mod tests {
                  --restart-delay 1s..1min --stop-signal SIGQUIT --stop-timeout 5s -- /x"
             )
         );
-        assert_eq!(value(se, "TimeoutStartSec").as_deref(), Some("393s"));
+        assert_eq!(value(se, "TimeoutStartSec").as_deref(), Some("396s"));
         assert_eq!(value(se, "TimeoutStopSec").as_deref(), Some("20s"));
         // A readiness delay as long as the timeout can never be reached: refused.
         let err = render_err(&[
@@ -1181,5 +1107,48 @@ mod tests {
             assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "{argv:?}");
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The units' `ExecStart=` is only ever `run` with these options: `gen-units` and `run`
+    /// must refuse the same combinations, with the same words.
+    #[test]
+    fn gen_units_refuses_exactly_what_run_refuses() {
+        let cases: &[&[&str]] = &[
+            &[],
+            &["--ready", "after:1min"],
+            &["--ready", "after:59s"],
+            &["--ready-timeout", "0"],
+            &["--restart-delay", "0"],
+            &["--worker-watchdog", "9ms"],
+            &["--worker-watchdog", "10ms"],
+            &["--listen", "80", "--listen", "[::]:80"],
+        ];
+        for case in cases {
+            let listen = if case.contains(&"--listen") {
+                vec![]
+            } else {
+                vec!["--listen", "80"]
+            };
+            let argv = [&["demo"][..], &listen, case, &["--", "/bin/sh"]].concat();
+            let by_gen_units = UnitSpec::from_args(&args(&argv), &FakeHost)
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            let run_argv = [
+                &["clusterctl", "run"][..],
+                &listen,
+                case,
+                &["--", "/bin/sh"],
+            ]
+            .concat();
+            let crate::cli::Command::Run(parsed) =
+                crate::cli::Cli::try_parse_from(&run_argv).unwrap().command
+            else {
+                unreachable!()
+            };
+            let by_run = crate::settings::RunSettings::from_args_in(parsed, None, None)
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            assert_eq!(by_gen_units, by_run, "{case:?}");
+        }
     }
 }

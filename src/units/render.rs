@@ -8,7 +8,8 @@ use askama::Template;
 use crate::error::{Error, Result, exit};
 
 use super::quote;
-use super::spec::{Hardening, Identity, UnitSpec};
+use super::spec::{Identity, UnitSpec};
+use crate::cli::Hardening;
 
 /// One rendered unit file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -303,7 +304,7 @@ fn ctx<T>(what: impl FnOnce() -> String) -> impl FnOnce(String) -> Result<T> {
 /// The `ExecStart=` value: `clusterctl run [options] -- CMD ARGS`.
 fn exec_start(spec: &UnitSpec, clusterctl: &str) -> Result<String> {
     let mut words = vec![clusterctl.to_string(), "run".into()];
-    for arg in spec.opts.to_run_args() {
+    for arg in spec.opts.to_args() {
         words.push(quote::exec_arg(&arg).or_else(ctx(|| format!("option {arg:?}")))?);
     }
     words.push("--".into());
@@ -407,14 +408,14 @@ pub fn render(spec: &UnitSpec) -> Result<Units> {
         environment,
         environment_file,
         stop_timeout: spec.opts.stop_timeout.to_string(),
-        timeout_start: spec.timeout_start_parts().0.to_string(),
-        timeout_start_why: spec.timeout_start_parts().1,
+        timeout_start: spec.opts.timeout_start().0.to_string(),
+        timeout_start_why: spec.opts.timeout_start().1,
         log_rate_limit: spec
             .log_rate_limit
             .map(|l| (l.burst, l.interval.to_string())),
         log_rate_limit_known: spec.systemd_version >= super::version::LOG_RATE_LIMIT_SINCE,
         hardening_reason: spec.hardening_reason.clone(),
-        timeout_stop: spec.timeout_stop().to_string(),
+        timeout_stop: spec.opts.timeout_stop().to_string(),
         watchdog: spec.watchdog.map(|w| w.to_string()),
         config_exit: exit::CONFIG,
         identity: identity(spec),

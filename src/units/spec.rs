@@ -1,47 +1,25 @@
 //! The gen-units command line turned into a checked description of the two units
 //! (`UnitSpec`): names, sockets, identity, paths, the resolved worker command and systemd
-//! version. Every semantic check happens here, before anything is rendered or written;
-//! the text-level checks (what can be quoted into a unit file) happen in `render.rs`.
-//! What gen-units asks the machine (PATH lookup, `systemctl --version`, its own path) goes
-//! through the `Host` trait so tests can pin it.
+//! version. The supervisor's options are checked by `Settings::new`, the same function
+//! `clusterctl run` uses (so a unit never carries options `run` refuses); the checks that
+//! only units have (names, accounts, paths, environment) happen here, before anything is
+//! rendered or written; the text-level checks (what can be quoted into a unit file) happen
+//! in `render.rs`. What gen-units asks the machine (PATH lookup through
+//! `settings::path`, `systemctl --version`, its own path) goes through the `Host` trait
+//! so tests can pin it.
 
 use std::env;
 use std::ffi::{OsStr, OsString};
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use crate::cli::SupervisorOpts;
-use crate::config::{Address, Dur, ListenSpec};
+use crate::cli::{GenUnitsArgs, Hardening};
+use crate::config::{Address, Dur, ListenSpec, LogRateLimit, VersionArg};
 use crate::error::{Context, Error, Result};
+use crate::settings::path::{self, RunsOn};
+use crate::settings::{Settings, SocketPaths};
 
-use super::GenUnitsArgs;
-use super::version::{self, VersionArg};
-
-/// `--hardening strict|jit|none`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Hardening {
-    /// Everything a network server supervised by clusterctl does not need is denied
-    /// (`systemd-analyze security` exposure 1.2)
-    Strict,
-    /// Strict without MemoryDenyWriteExecute= (JIT compilers such as V8, HotSpot, LuaJIT
-    /// need memory that is writable, then executable) and ProcSubset=pid (runtimes read
-    /// /proc/cpuinfo)
-    Jit,
-    /// No sandboxing settings at all
-    None,
-}
-
-impl Hardening {
-    pub fn name(self) -> &'static str {
-        match self {
-            Hardening::Strict => "strict",
-            Hardening::Jit => "jit",
-            Hardening::None => "none",
-        }
-    }
-}
+use super::version;
 
 /// Who the service runs as.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,39 +32,6 @@ pub enum Identity {
     UserManager,
 }
 
-/// `--log-rate-limit BURST/INTERVAL`: journald's per-unit rate limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LogRateLimit {
-    pub burst: u32,
-    pub interval: Dur,
-}
-
-impl std::str::FromStr for LogRateLimit {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (burst, interval) = s
-            .split_once('/')
-            .ok_or_else(|| format!("expected BURST/INTERVAL such as 10000/30s, not {s:?}"))?;
-        let burst: u32 = burst
-            .parse()
-            .map_err(|_| format!("BURST {burst:?} is not a number of messages"))?;
-        let interval: Dur = interval.parse()?;
-        if burst == 0 || interval.0.is_zero() {
-            return Err(
-                "BURST and INTERVAL must be above 0 (leave the option out for no limit)".into(),
-            );
-        }
-        Ok(LogRateLimit { burst, interval })
-    }
-}
-
-impl std::fmt::Display for LogRateLimit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.burst, self.interval)
-    }
-}
-
 /// Both units, described and checked; `render.rs` turns this into text.
 #[derive(Debug, Clone)]
 pub struct UnitSpec {
@@ -94,7 +39,8 @@ pub struct UnitSpec {
     pub listen: Vec<ListenSpec>,
     /// `FileDescriptorName=`: the one name all sockets share, if any was given.
     pub fd_name: Option<String>,
-    pub opts: SupervisorOpts,
+    /// The supervisor's options, checked by the same function as `clusterctl run`'s.
+    pub opts: Settings,
     pub watchdog: Option<Dur>,
     pub identity: Identity,
     /// `WorkingDirectory=`: given, or the directory gen-units ran in.
@@ -149,7 +95,9 @@ impl Host for System {
     }
 
     fn resolve_program(&self, program: &Path) -> Result<PathBuf> {
-        resolve_program(program, env::var_os("PATH").as_deref())
+        let path_var = env::var_os("PATH");
+        path::resolve_program(program.as_os_str(), path_var.as_deref(), RunsOn::Target)
+            .map_err(Error::Config)
     }
 
     fn current_dir(&self) -> Result<PathBuf> {
@@ -284,46 +232,6 @@ fn in_build_dir(path: &str) -> bool {
         .is_some_and(|i| parts.len() >= i + 3)
 }
 
-fn is_executable_file(path: &Path) -> bool {
-    fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
-/// A relative worker program: `./server` is taken relative to the current directory, a bare
-/// `python3` is looked up in `PATH`, now, so the unit names an absolute path and a missing
-/// program is reported while generating rather than when the service starts.
-pub fn resolve_program(program: &Path, path_var: Option<&OsStr>) -> Result<PathBuf> {
-    if program.is_absolute() {
-        return Ok(program.to_path_buf());
-    }
-    if program.as_os_str().is_empty() {
-        return Err(Error::config("the worker command is empty"));
-    }
-    if program.components().count() > 1 || program.starts_with(".") {
-        if !is_executable_file(program) {
-            return Err(Error::config(format!(
-                "worker command {} is not an executable file (relative to {})",
-                program.display(),
-                env::current_dir().map_or_else(|_| "?".into(), |d| d.display().to_string())
-            )));
-        }
-        return fs::canonicalize(program)
-            .context(|| format!("cannot resolve {}", program.display()));
-    }
-    let dirs = path_var.map(env::split_paths).into_iter().flatten();
-    for dir in dirs.filter(|d| d.is_absolute()) {
-        let candidate = dir.join(program);
-        if is_executable_file(&candidate) {
-            return Ok(candidate);
-        }
-    }
-    Err(Error::config(format!(
-        "worker command {:?} was not found in PATH; give its absolute path (systemd would \
-         search its own fixed path when the service starts, which may find another program \
-         or none)",
-        program.display().to_string()
-    )))
-}
-
 use crate::config::SUN_PATH_MAX;
 
 /// Checks APP against systemd's unit name rules (systemd.unit(5)) and what clusterctl does
@@ -367,14 +275,9 @@ pub fn check_app_name(app: &str, user_units: bool) -> Result<(), String> {
             "application name is too long: {app}.service has {unit_len} characters, systemd allows 255"
         ));
     }
-    // The supervisor binds %t/APP/control.sock and %t/APP/notify.PID.sock. For user
-    // managers %t is $XDG_RUNTIME_DIR = /run/user/UID, counted here with the longest UID.
-    let runtime = if user_units {
-        "/run/user/4294967295"
-    } else {
-        "/run"
-    };
-    let dir = PathBuf::from(format!("{runtime}/{app}"));
+    // The supervisor binds %t/APP/control.sock and %t/APP/notify.PID.sock.
+    let runtime = unit_runtime_root(user_units);
+    let dir = unit_runtime_dir(app, user_units);
     crate::config::check_socket_paths(Some(&dir.join("control.sock")), Some(&dir)).map_err(|e| {
         let longest =
             SUN_PATH_MAX - runtime.len() - 2 - crate::config::NOTIFY_SOCKET_NAME_MAX.len();
@@ -383,6 +286,21 @@ pub fn check_app_name(app: &str, user_units: bool) -> Result<(), String> {
             app.len()
         )
     })
+}
+
+/// `%t`: `/run`, or for user managers `$XDG_RUNTIME_DIR` = `/run/user/UID`, counted with
+/// the longest UID.
+fn unit_runtime_root(user_units: bool) -> &'static str {
+    if user_units {
+        "/run/user/4294967295"
+    } else {
+        "/run"
+    }
+}
+
+/// The supervisor's `$RUNTIME_DIRECTORY` under the unit (`RuntimeDirectory=APP`).
+fn unit_runtime_dir(app: &str, user_units: bool) -> PathBuf {
+    PathBuf::from(format!("{}/{app}", unit_runtime_root(user_units)))
 }
 
 /// Checks a `User=`/`Group=` name: systemd's portable rule (letters, digits, '_', '-', not
@@ -514,15 +432,26 @@ impl UnitSpec {
         };
         check_app_name(&app, args.user_units).map_err(Error::Config)?;
         let version_arg = args.systemd_version;
-        args.opts.validate().map_err(Error::Config)?;
-
         if args.listen.is_empty() {
             return Err(Error::config(
                 "at least one --listen is needed: the socket unit holds the listening sockets",
             ));
         }
-        crate::config::check_listen_unique(&args.listen).map_err(Error::Config)?;
+        // The supervisor will run with $RUNTIME_DIRECTORY=%t/APP and its control socket
+        // there (the unit gives no --control).
+        let runtime_dir = unit_runtime_dir(&app, args.user_units);
+        let control = runtime_dir.join("control.sock");
+        let sockets = SocketPaths {
+            control: Some(&control),
+            runtime_dir: Some(&runtime_dir),
+        };
+        let opts = Settings::new(&args.opts, &args.listen, sockets).map_err(Error::Config)?;
         let fd_name = socket_name(&args.listen)?;
+        warnings.extend(
+            args.listen
+                .iter()
+                .filter_map(ListenSpec::every_interface_warning),
+        );
 
         if let Some(w) = args.watchdog
             && w.0.is_zero()
@@ -651,7 +580,7 @@ impl UnitSpec {
             app,
             listen: args.listen.clone(),
             fd_name,
-            opts: args.opts.clone(),
+            opts,
             watchdog: args.watchdog,
             identity,
             working_directory,
@@ -677,46 +606,10 @@ impl UnitSpec {
             .all(|l| matches!(l.address, Address::Tcp(_)))
     }
 
-    /// How long systemd waits for READY=1 (and for a reload): above clusterctl's own limit
-    /// for the first generation (`START_ATTEMPTS` starts of up to `--ready-timeout` or
-    /// `--ready after:DUR` each, plus the backoff between them), so clusterctl gives up and
-    /// reports the failure itself before systemd's timer fires.
-    pub fn timeout_start(&self) -> Dur {
-        self.timeout_start_parts().0
-    }
-
-    /// `TimeoutStartSec=` and how it is made up, for the comment above it in the unit.
-    pub fn timeout_start_parts(&self) -> (Dur, String) {
-        use crate::supervisor::state::START_ATTEMPTS;
-        // `--ready after:DUR` is shorter than --ready-timeout (SupervisorOpts::validate).
-        let attempt = self.opts.ready_timeout.0;
-        let backoff: Duration = (0..START_ATTEMPTS - 1)
-            .map(|i| (self.opts.restart_delay.min * 2u32.pow(i)).min(self.opts.restart_delay.max))
-            .sum();
-        let margin = Duration::from_secs(30);
-        let total = attempt * START_ATTEMPTS + backoff + margin;
-        // Whole seconds, rounded up: easier to read in the unit file.
-        let total = Dur(Duration::from_secs(
-            total.as_secs() + u64::from(total.subsec_nanos() > 0),
-        ));
-        let why = format!(
-            "{START_ATTEMPTS} start attempts x --ready-timeout {}\n# + {} backoff between them \
-             + {} margin",
-            Dur(attempt),
-            Dur(backoff),
-            Dur(margin)
-        );
-        (total, why)
-    }
-
-    /// How long systemd waits for clusterctl to exit: above `--stop-timeout`, so the workers
-    /// get their full drain time and clusterctl can kill stragglers before systemd does.
-    pub fn timeout_stop(&self) -> Dur {
-        Dur(self.opts.stop_timeout.0 + Duration::from_secs(15))
-    }
-
-    /// A canonical command line that renders these units again: defaults left out, the
-    /// version, clusterctl path and worker program resolved, output options left out.
+    /// A canonical command line that renders these units again (the header comment):
+    /// defaults left out, the version, clusterctl path and worker program resolved, output
+    /// options left out. The supervisor's options come from `Settings::to_args`, as in
+    /// `ExecStart=`; only gen-units' own options are rendered here.
     pub fn invocation(&self) -> Vec<String> {
         fn push(v: &mut Vec<String>, flag: &str, value: &str) {
             v.push(format!("--{flag}"));
@@ -729,7 +622,7 @@ impl UnitSpec {
                 None => push(&mut v, "listen", &l.raw),
             }
         }
-        v.extend(self.opts.to_run_args());
+        v.extend(self.opts.to_args());
         if let Some(w) = self.watchdog {
             push(&mut v, "watchdog", &w.to_string());
         }
@@ -891,20 +784,5 @@ pub(crate) mod tests {
         }
         let err = absolute_path("x", Path::new(OsStr::from_bytes(b"/a\xffb"))).unwrap_err();
         assert!(err.to_string().contains("UTF-8"));
-    }
-
-    #[test]
-    fn program_lookup() {
-        let path = OsString::from("relative/dir:/nonexistent:/bin:/usr/bin");
-        let sh = resolve_program(Path::new("sh"), Some(&path)).unwrap();
-        assert!(sh.is_absolute() && sh.ends_with("sh"), "{}", sh.display());
-        assert_eq!(
-            resolve_program(Path::new("/opt/not/here"), None).unwrap(),
-            Path::new("/opt/not/here")
-        );
-        let err = resolve_program(Path::new("no-such-program-xyz"), Some(&path)).unwrap_err();
-        assert!(matches!(err, Error::Config(_)) && err.to_string().contains("PATH"));
-        assert!(resolve_program(Path::new("sh"), None).is_err());
-        assert!(resolve_program(Path::new("./no-such-file"), None).is_err());
     }
 }

@@ -9,49 +9,12 @@ use std::process::Command;
 
 use crate::error::{Error, Result};
 
-/// The oldest systemd gen-units writes units for (RHEL 8 has 239). Older versions lack
-/// `PrivateMounts=`, `@system-service` refinements and more.
-pub const MIN_VERSION: u32 = 239;
-
 /// The first systemd with `LogRateLimitIntervalSec=`/`LogRateLimitBurst=`.
 pub const LOG_RATE_LIMIT_SINCE: u32 = 240;
 
-/// `--systemd-version N|auto`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VersionArg {
-    Auto,
-    Fixed(u32),
-}
-
-impl std::str::FromStr for VersionArg {
-    type Err = String;
-
-    /// A usage error (exit 2) when not a supported version.
-    fn from_str(s: &str) -> Result<Self, String> {
-        if s == "auto" {
-            return Ok(VersionArg::Auto);
-        }
-        let n: u32 = s
-            .parse()
-            .map_err(|_| "expected a version number such as 252, or `auto`".to_string())?;
-        supported(n)?;
-        Ok(VersionArg::Fixed(n))
-    }
-}
-
-fn supported(version: u32) -> Result<(), String> {
-    if version < MIN_VERSION {
-        return Err(format!(
-            "systemd {version} is older than {MIN_VERSION}, the oldest version gen-units \
-             writes units for"
-        ));
-    }
-    Ok(())
-}
-
 /// Refuses versions gen-units does not write units for.
 pub fn check_supported(version: u32) -> Result<()> {
-    supported(version).map_err(Error::Config)
+    crate::config::systemd_version_supported(version).map_err(Error::Config)
 }
 
 /// Parses the first line of `systemctl --version`: `systemd 252 (252.38-1~deb12u1)`,
@@ -123,17 +86,5 @@ mod tests {
         ] {
             assert!(parse_systemctl_version(bad).is_err(), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn version_flag() {
-        let p = |s: &str| s.parse::<VersionArg>();
-        assert_eq!(p("auto").unwrap(), VersionArg::Auto);
-        assert_eq!(p("252").unwrap(), VersionArg::Fixed(252));
-        assert_eq!(p("257").unwrap(), VersionArg::Fixed(257));
-        for bad in ["", "v252", "252.1", "-1", "latest"] {
-            assert!(p(bad).unwrap_err().contains("version number"), "{bad:?}");
-        }
-        assert!(p("238").unwrap_err().contains("older"));
     }
 }

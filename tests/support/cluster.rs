@@ -274,20 +274,61 @@ impl Supervisor {
     pub fn ctl(&self, args: &[&str]) -> (i32, String, String) {
         ctl(args, &self.control)
     }
+
+    /// `clusterctl status --json`, parsed.
+    pub fn status_json(&self) -> serde_json::Value {
+        status_json(&self.control)
+    }
 }
 
+/// How long a control command may take (a `reload --wait` included) before the test fails.
+pub const CTL_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Runs `clusterctl ARGS --control CONTROL` and returns (exit code, stdout, stderr); fails
+/// the test (and kills the client) after `CTL_DEADLINE`.
 pub fn ctl(args: &[&str], control: &Path) -> (i32, String, String) {
-    let out = Command::new(clusterctl())
+    let child = Command::new(clusterctl())
         .args(args)
         .arg("--control")
         .arg(control)
-        .output()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let Ok(out) = rx.recv_timeout(CTL_DEADLINE) else {
+        // Our own child, by pid (its waiting thread reaps it).
+        if let Ok(p) = i32::try_from(pid) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        panic!("clusterctl {args:?} did not finish within {CTL_DEADLINE:?}");
+    };
+    let out = out.unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// `clusterctl status --json` on CONTROL, parsed (fails the test on an error answer).
+pub fn status_json(control: &Path) -> serde_json::Value {
+    let (code, out, err) = ctl(&["status", "--json"], control);
+    assert_eq!(code, 0, "status --json failed: {out}{err}");
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("status --json: {e}: {out}"))
+}
+
+/// The rows of `workers` in a status report.
+pub fn status_workers(status: &serde_json::Value) -> Vec<serde_json::Value> {
+    status["workers"].as_array().cloned().unwrap_or_default()
 }
 
 impl Drop for Supervisor {

@@ -49,6 +49,8 @@ pub struct Load {
     errors: Arc<Mutex<Vec<String>>>,
     generations: Arc<Mutex<Vec<String>>>,
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// At most two load generators run at once (see `support::LOAD_GENERATORS`).
+    _permit: crate::support::Permit<'static>,
 }
 
 /// How long a request may wait for its answer before it counts as timed out.
@@ -125,6 +127,7 @@ impl Load {
         max_time: Duration,
         max_requests: u64,
     ) -> Load {
+        let permit = crate::support::LOAD_GENERATORS.take();
         let stop = Arc::new(AtomicBool::new(false));
         let counts = Arc::new(Counts::default());
         let errors = Arc::new(Mutex::new(Vec::new()));
@@ -213,6 +216,7 @@ impl Load {
             errors,
             generations,
             threads,
+            _permit: permit,
         }
     }
 

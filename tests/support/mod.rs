@@ -157,3 +157,125 @@ pub fn output_with_deadline(
         stderr,
     })
 }
+
+/// A counting semaphore that bounds how many of the heaviest tests run at once, so that on
+/// a 2-core CI machine the tests running real servers under load do not starve each other
+/// into timing failures (timer readiness, broken-deploy detection). Waiting for a permit is
+/// not synchronisation on the system under test; it only spaces the tests out.
+pub struct Permits {
+    name: &'static str,
+    limit: usize,
+    taken: std::sync::Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+/// Held while a permit is taken; gives it back when dropped (also when the test panics).
+pub struct Permit<'a>(&'a Permits);
+
+impl Permits {
+    pub const fn new(name: &'static str, limit: usize) -> Permits {
+        Permits {
+            name,
+            limit,
+            taken: std::sync::Mutex::new(0),
+            freed: std::sync::Condvar::new(),
+        }
+    }
+
+    /// Blocks until a permit is free (at most 20 minutes: a leaked permit is a bug).
+    pub fn take(&self) -> Permit<'_> {
+        let deadline = Instant::now() + Duration::from_secs(1200);
+        let mut taken = self
+            .taken
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while *taken >= self.limit {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no {} permit within 20 minutes", self.name);
+            taken = self
+                .freed
+                .wait_timeout(taken, left)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+        *taken += 1;
+        Permit(self)
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        let mut taken = self
+            .0
+            .taken
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *taken -= 1;
+        self.0.freed.notify_one();
+    }
+}
+
+/// Tests that boot a real server (gunicorn, Puma, Node, …) in a systemd instance and put it
+/// under load: at most 3 at once.
+pub static SERVER_TESTS: Permits = Permits::new("server test", 3);
+
+/// Load generators (`load::Load`): at most 2 at once.
+pub static LOAD_GENERATORS: Permits = Permits::new("load generator", 2);
+
+/// `CI` set to anything but empty, `0` or `false`.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"))
+}
+
+/// Reports a test that cannot run on this machine: with `CI` set that is a failure (CI
+/// installs every prerequisite, see scripts/test.sh); otherwise it prints `SKIPPED: …`
+/// straight to fd 2 (libtest's capture would hide a print macro's output), which
+/// scripts/test.sh counts. The caller returns right after.
+pub fn skip(reason: &str) {
+    assert!(!in_ci(), "this test must run in CI, but: {reason}");
+    let _ = writeln!(io::stderr(), "SKIPPED: {reason}");
+}
+
+/// The `i`-th datagram of a hostile flood of a notify socket: fake readiness and MAINPID
+/// from a stranger, binary garbage, an oversized message (every 100th) and a stranger's
+/// STATUS= text (`stranger`, which must never show up in `status`).
+pub fn hostile_notify(i: u32) -> Vec<u8> {
+    match i % 5 {
+        0 => b"READY=1\nMAINPID=1\nSTOPPING=1\nWATCHDOG=1".to_vec(),
+        1 => (0..200u32)
+            .map(|j| u8::try_from((i.wrapping_mul(31) + j) % 256).unwrap_or(0))
+            .collect(),
+        2 if i % 100 == 2 => vec![b'x'; 150_000],
+        _ => b"STATUS=stranger".to_vec(),
+    }
+}
+
+/// One worker row of `status --json`: (pid, generation, state); the backing-off rows
+/// (no pid) are left out.
+pub fn status_rows(json: &str) -> Vec<(i32, u32, String)> {
+    let Some(workers) = json.split("\"workers\":[").nth(1) else {
+        return Vec::new();
+    };
+    workers
+        .split("{\"slot\":")
+        .skip(1)
+        .filter_map(|row| {
+            let field = |key: &str| {
+                let rest = row.split(&format!("\"{key}\":")).nth(1)?;
+                Some(rest.split([',', '}']).next()?.trim_matches('"').to_string())
+            };
+            Some((
+                field("pid")?.parse().ok()?,
+                field("generation")?.parse().ok()?,
+                field("state")?,
+            ))
+        })
+        .collect()
+}
+
+/// The first number after `"key":` in a JSON text (`status --json`), if any.
+pub fn json_number(json: &str, key: &str) -> Option<u64> {
+    let rest = json.split(&format!("\"{key}\":")).nth(1)?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}

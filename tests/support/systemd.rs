@@ -109,7 +109,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::{Pid, geteuid};
 
-use super::{output_with_deadline, poll_until};
+use super::{in_ci, output_with_deadline, poll_until};
 
 /// How long booting (spawn to `running`/`degraded`) may take.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -751,11 +751,6 @@ fn nsenter(pid1: u32, argv: &[&str]) -> Command {
 
 fn prepend<'a>(head: &[&'a str], tail: &[&'a str]) -> Vec<&'a str> {
     head.iter().chain(tail).copied().collect()
-}
-
-/// `CI` set to anything but empty, `0` or `false`.
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false"))
 }
 
 fn unavailable(version: Version, reason: &str) -> Option<Systemd> {

@@ -35,6 +35,8 @@ fn cfg(workers: u32) -> Config {
         min_uptime: Duration::ZERO,
         max_worker_memory: None,
         max_worker_age: None,
+        rolling: false,
+        systemd_watchdog: None,
     }
 }
 
@@ -523,7 +525,7 @@ fn failed_new_generation_is_rolled_back() {
     // The rolled-back worker exiting is not refilled; the old generation still serves.
     let a = s.exit(new[0], 0);
     assert!(spawns(&a).is_empty());
-    assert_eq!(s.st.generation, 1);
+    assert_eq!(s.st.serving_generation, 1);
     // A later reload gets a fresh generation number.
     let a = s.ev(Event::Reload {
         ticket: None,
@@ -648,7 +650,7 @@ fn rolling_restart_replaces_one_slot_at_a_time() {
             assert!(has_upstream(&a, &Upstream::Ready));
         }
     }
-    assert_eq!(s.st.generation, 2);
+    assert_eq!(s.st.serving_generation, 2);
 }
 
 #[test]
@@ -826,7 +828,9 @@ fn idle_supervisor_exits_cleanly_and_busy_one_stays() {
     });
     s.ready_gen(1);
     s.blind();
-    assert_eq!(s.st.next_deadline(), Some(s.now + idle));
+    // The next traffic sample comes first, well before the idle deadline.
+    assert_eq!(s.st.next_deadline(), Some(s.now + idle / 10));
+    assert_eq!(s.st.last_busy, Some(s.now));
     // Traffic keeps pushing the deadline out.
     for _ in 0..5 {
         s.now += Duration::from_secs(6);
@@ -898,8 +902,8 @@ fn reload_while_idle_succeeds_at_once() {
     assert!(s.st.queued.is_none());
 }
 
-// ---------------------------------------------------------------- review findings
-mod review {
+/// Regressions found in review, each named after the behaviour it now asserts.
+mod regressions {
     use super::*;
 
     /// A reload that is waiting for something must have a deadline armed, or be done.
@@ -913,15 +917,15 @@ mod review {
     }
 
     #[test]
-    fn scale_up_during_surge_reload_hangs_the_reload() {
+    fn scale_during_a_surge_reload_is_refused_and_never_hangs_it() {
         let mut s = Sim::new(cfg(2));
         s.ready_gen(1);
         s.ev(Event::Reload {
             ticket: Some(1),
             wait: true,
         });
-        // Executor's `reload.is_some()` guard is evaluated before the Reload event is
-        // dispatched when SIGHUP and a scale request arrive in the same poll wake.
+        // SIGHUP and a scale request in the same poll wake-up: handle() sees the reload
+        // first, and refuses the scale.
         s.ev(Event::Scale {
             workers: 3,
             ticket: None,
@@ -932,7 +936,7 @@ mod review {
     }
 
     #[test]
-    fn scale_down_during_rolling_restart_hangs_it() {
+    fn scale_down_during_a_rolling_restart_never_hangs_it() {
         let mut s = Sim::new(cfg(3));
         s.ready_gen(1);
         s.ev(Event::RollingRestart {
@@ -963,7 +967,7 @@ mod review {
     }
 
     #[test]
-    fn scale_up_while_lazy_idle_spawns_workers_that_leak_and_block_reloads() {
+    fn scale_up_while_lazy_idle_spawns_nothing() {
         let mut s = Sim::new(Config {
             lazy: true,
             exit_idle_after: Some(Duration::from_secs(5)),
@@ -977,7 +981,7 @@ mod review {
     }
 
     #[test]
-    fn leaked_idle_worker_blocks_every_later_reload() {
+    fn reload_after_scaling_while_idle_starts_at_once() {
         let mut s = Sim::new(Config {
             lazy: true,
             exit_idle_after: Some(Duration::from_secs(5)),
@@ -1012,7 +1016,7 @@ mod review {
     }
 
     #[test]
-    fn watchdog_victim_exiting_after_lazy_idle_arms_a_deadline_that_never_fires() {
+    fn watchdog_victim_exiting_after_lazy_idle_leaves_no_deadline_in_the_past() {
         let mut s = Sim::new(Config {
             lazy: true,
             exit_idle_after: Some(Duration::from_secs(5)),
@@ -1035,7 +1039,7 @@ mod review {
     }
 
     #[test]
-    fn idle_deadline_in_the_past_while_a_coalesced_reload_waits_for_the_drain() {
+    fn no_idle_deadline_in_the_past_while_a_coalesced_reload_waits_for_the_drain() {
         let mut s = Sim::new(Config {
             exit_idle_after: Some(Duration::from_secs(10)),
             ..cfg(1)
@@ -1058,7 +1062,7 @@ mod review {
     }
 
     #[test]
-    fn second_stop_after_a_failed_start_turns_the_exit_code_into_zero() {
+    fn second_stop_after_a_failed_start_keeps_the_failure_exit_code() {
         let mut s = Sim::new(cfg(2));
         let p = s.pids(1);
         s.ready(p[1]);
@@ -1076,7 +1080,7 @@ mod review {
     }
 
     #[test]
-    fn worker_watchdog_is_never_armed_with_ready_exec() {
+    fn worker_watchdog_is_armed_with_ready_exec() {
         let mut s = Sim::new(Config {
             ready: ReadyMode::Exec,
             worker_watchdog: Some(Duration::from_secs(2)),
@@ -1090,7 +1094,7 @@ mod review {
     }
 
     #[test]
-    fn reload_while_lazy_idle_with_draining_workers_is_never_answered() {
+    fn reload_while_lazy_idle_with_draining_workers_is_answered() {
         let mut s = Sim::new(Config {
             lazy: true,
             exit_idle_after: Some(Duration::from_secs(5)),
@@ -1214,7 +1218,7 @@ mod policy {
                 let alive: Vec<Pid> =
                     s.st.workers
                         .iter()
-                        .filter(|w| !matches!(w.phase, WorkerPhase::Killed))
+                        .filter(|w| !matches!(w.phase, WorkerPhase::Killed { .. }))
                         .map(|w| w.pid)
                         .collect();
                 if !alive.is_empty() {
@@ -1300,7 +1304,7 @@ mod policy {
                 .st
                 .workers
                 .iter()
-                .filter(|w| matches!(w.phase, WorkerPhase::Ready { since } if since + 300 * MS <= s.now))
+                .filter(|w| matches!(w.phase, WorkerPhase::Ready { since, .. } if since + 300 * MS <= s.now))
                 .map(|w| w.pid)
                 .collect();
             for p in doomed {
@@ -1402,7 +1406,7 @@ mod policy {
             !kills(&a).iter().any(|k| old.contains(&k.0)),
             "old ones kept"
         );
-        assert_eq!(s.st.generation, 1);
+        assert_eq!(s.st.serving_generation, 1);
         // A good generation is accepted once every new worker stayed up min-uptime.
         for p in s.pids(2) {
             s.exit(p, 0);
@@ -1467,7 +1471,7 @@ mod policy {
             wait: false,
         });
         s.ready_gen(2);
-        assert_eq!(s.st.generation, 2);
+        assert_eq!(s.st.serving_generation, 2);
         assert_eq!(s.st.slots[1].delay, 100 * MS);
         let p = s.pids(2)[1];
         s.exit(p, 1);
@@ -1543,7 +1547,7 @@ mod policy {
                 .contains("reload is in progress"),
             "{r:?}"
         );
-        assert_eq!(s.st.cfg.workers, 3);
+        assert_eq!(s.st.desired(), 3);
         let a = s.ev(Event::Scale {
             workers: 0,
             ticket: Some(4),
@@ -1688,7 +1692,7 @@ mod recycle {
         assert!(t <= s.now + max, "next deadline too far");
         s.now = t.max(s.now);
         let a = s.ev(Event::Tick);
-        assert!(ready_serving(s) >= s.st.cfg.workers as usize);
+        assert!(ready_serving(s) >= s.st.desired() as usize);
         a
     }
 
@@ -1939,3 +1943,124 @@ mod recycle {
         assert_eq!(s.st.next_deadline(), Some(first_sample));
     }
 }
+
+/// The schedules that used to live in the executor: systemd's watchdog, its reload
+/// timeout, traffic samples, and the status verb — all fired by ticks of the fake clock.
+mod schedules {
+    use super::*;
+
+    fn count(a: &[Action], m: &Upstream) -> usize {
+        upstream(a).iter().filter(|d| d.contains(m)).count()
+    }
+
+    #[test]
+    fn systemd_watchdog_is_pinged_every_half_interval_from_the_start() {
+        let mut s = Sim::new(Config {
+            systemd_watchdog: Some(Duration::from_secs(10)),
+            ..cfg(1)
+        });
+        assert_eq!(s.st.watchdog_ping_at, Some(s.now));
+        let a = s.advance(MS);
+        assert_eq!(count(&a, &Upstream::Watchdog), 1);
+        assert!(count(&s.advance(Duration::from_secs(4)), &Upstream::Watchdog) == 0);
+        assert_eq!(
+            count(&s.advance(Duration::from_secs(1)), &Upstream::Watchdog),
+            1
+        );
+        assert!(s.st.next_deadline().is_some_and(|t| t > s.now));
+    }
+
+    #[test]
+    fn a_slow_reload_extends_systemds_timeout_every_5s_until_it_ends() {
+        let mut s = Sim::new(Config {
+            ready_timeout: Duration::from_secs(20),
+            stop_timeout: Duration::from_secs(10),
+            ..cfg(1)
+        });
+        s.ready_gen(1);
+        s.blind();
+        s.ev(Event::Reload {
+            ticket: None,
+            wait: false,
+        });
+        let extend = Upstream::ExtendTimeout(EXTEND_BY);
+        // The executor ticks right after the event that started the reload.
+        let mut extends = count(&s.advance(Duration::ZERO), &extend);
+        assert_eq!(extends, 1, "the first extend goes out at once");
+        // Generation 2 never gets ready: rolled back at --ready-timeout (20 s). Until
+        // then, one extend every 5 s; none after.
+        for _ in 0..7 {
+            let a = s.advance(Duration::from_millis(2500));
+            extends += count(&a, &extend);
+        }
+        assert!(s.st.reload.is_some());
+        assert_eq!(extends, 4, "at 0, 5, 10 and 15 s");
+        let a = s.advance(Duration::from_millis(2500));
+        assert!(s.st.reload.is_none(), "rolled back at 20 s");
+        assert_eq!(count(&a, &extend), 0);
+        assert_eq!(count(&s.advance(Duration::from_secs(10)), &extend), 0);
+    }
+
+    #[test]
+    fn traffic_is_sampled_on_a_schedule_and_rearmed_by_the_answer() {
+        let mut s = Sim::new(Config {
+            exit_idle_after: Some(Duration::from_secs(10)),
+            ..cfg(1)
+        });
+        let every = s.st.cfg.traffic_sample_every().unwrap();
+        assert_eq!(every, Duration::from_secs(1));
+        assert_eq!(s.st.traffic_sample_at, Some(s.now + every));
+        let a = s.advance(every);
+        assert!(a.contains(&Action::SampleTraffic));
+        // Nothing more until the answer comes back...
+        assert!(!s.advance(every * 3).contains(&Action::SampleTraffic));
+        // ... which arms the next one from its own end.
+        s.ev(Event::Traffic { busy: false });
+        assert_eq!(s.st.traffic_sample_at, Some(s.now + every));
+    }
+
+    #[test]
+    fn status_is_answered_by_the_state_machine() {
+        let mut s = Sim::new(cfg(1));
+        let a = s.ev(Event::Status {
+            ticket: Some(9),
+            json: true,
+        });
+        assert!(a.contains(&Action::Report {
+            ticket: Some(9),
+            json: true
+        }));
+    }
+
+    #[test]
+    fn signals_scale_by_one_from_the_current_pool() {
+        let mut s = Sim::new(cfg(2));
+        s.ready_gen(1);
+        let a = s.ev(Event::ScaleStep { up: true });
+        assert_eq!(spawns(&a), [(2, 1)]);
+        assert_eq!(s.st.desired(), 3);
+        assert_eq!(
+            s.st.cfg.workers, 2,
+            "the static config is not runtime state"
+        );
+        s.ev(Event::ScaleStep { up: false });
+        s.ev(Event::ScaleStep { up: false });
+        assert_eq!(s.st.desired(), 1);
+    }
+
+    #[test]
+    fn rolling_strategy_makes_a_plain_reload_rolling() {
+        let mut s = Sim::new(Config {
+            rolling: true,
+            ..cfg(2)
+        });
+        s.ready_gen(1);
+        let a = s.ev(Event::Reload {
+            ticket: None,
+            wait: false,
+        });
+        assert_eq!(spawns(&a), [(0, 2)]);
+    }
+}
+
+mod random_walk;
