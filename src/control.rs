@@ -565,7 +565,7 @@ pub fn locate(app: Option<&str>, control: Option<&Path>) -> Result<PathBuf> {
 
 /// Sends `request` and returns the supervisor's answer text (without `ok `), or an error
 /// (`error ...` answers become `Error::Failed`, exit 1).
-pub fn call(path: &Path, request: Request, timeout: Option<Duration>) -> Result<String> {
+pub fn call(path: &Path, request: &Request, timeout: Option<Duration>) -> Result<String> {
     let mut stream = UnixStream::connect(path).map_err(|e| {
         Error::Unavailable(format!(
             "cannot reach the supervisor at {}: {e}{}",

@@ -239,7 +239,7 @@ fn ctl(target: &cli::Target, request: &control::Request) -> u8 {
     } else {
         (!waits).then(|| std::time::Duration::from_secs(10))
     };
-    match control::call(&path, request.clone(), timeout) {
+    match control::call(&path, request, timeout) {
         Ok(answer) => {
             let answer = answer.trim_end();
             if answer.is_empty() {

@@ -800,8 +800,8 @@ pub fn decode_full(text: &str, cfg: Config, clock: Clock) -> Result<State, Strin
                 });
             }
             "W" => {
-                let a = r.opt_num("a")?.map(t);
-                let b = r.opt_num("b")?.map(t);
+                let first = r.opt_num("a")?.map(t);
+                let second = r.opt_num("b")?.map(t);
                 let need = |x: Option<Instant>| x.ok_or("worker phase without its time");
                 let reason = || -> Result<StopReason, String> {
                     reason_named(
@@ -811,15 +811,15 @@ pub fn decode_full(text: &str, cfg: Config, clock: Clock) -> Result<State, Strin
                 };
                 let phase = match r.raw("phase")? {
                     "starting" => WorkerPhase::Starting {
-                        deadline: need(a)?,
-                        ready_at: b,
+                        deadline: need(first)?,
+                        ready_at: second,
                     },
                     "ready" => WorkerPhase::Ready {
-                        since: need(a)?,
-                        last_ping: need(b)?,
+                        since: need(first)?,
+                        last_ping: need(second)?,
                     },
                     "draining" => WorkerPhase::Draining {
-                        kill_at: need(a)?,
+                        kill_at: need(first)?,
                         reason: reason()?,
                     },
                     "killed" => WorkerPhase::Killed { reason: reason()? },
