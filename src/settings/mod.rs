@@ -285,8 +285,7 @@ impl RunSettings {
             log,
             command,
             program: _,
-            // Never rendered: only `clusterctl upgrade` passes it, to itself.
-            resume_from: _,
+            resume_from,
         } = self;
         let mut out: Vec<OsString> = vec!["run".into()];
         for l in listen {
@@ -311,6 +310,10 @@ impl RunSettings {
         }
         if *log != LogTarget::Auto {
             out.extend(["--log".into(), value_name(log).into()]);
+        }
+        // Hidden: only `clusterctl upgrade` passes it, to the binary it executes.
+        if let Some(fd) = resume_from {
+            out.extend(["--resume-from".into(), fd.to_string().into()]);
         }
         out.push("--".into());
         out.extend(command.iter().cloned());
