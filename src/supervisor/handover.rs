@@ -10,6 +10,10 @@
 //! - the **full** section, readable only by a binary of the same `VERSION`: everything in
 //!   `State` (phases, timers, backoff, counters, reload and recycle in progress, tickets).
 //!
+//! Not in the snapshot: the workers' pidfds (close-on-exec; the new image opens one per
+//! adopted worker, still its unreaped child) and the poll set, which the executor rebuilds
+//! from its fds on every wait.
+//!
 //! Times are absolute `CLOCK_MONOTONIC` microseconds: `Instant` does not survive `execve`,
 //! but the monotonic clock does (same boot, same pid).
 //!

@@ -22,6 +22,8 @@
 //! state.rs     State, Worker, WorkerPhase, StopReason, Reload: plain data
 //! handle.rs    handle(state, event, now) -> actions; handle/{lifecycle,reload,scale,tick}.rs
 //! procfs.rs    the one /proc reader; memory.rs: tree RSS; pidfile.rs
+//! handover.rs  `clusterctl upgrade`: the versioned snapshot of State and fds
+//! upgrade.rs   Action::Upgrade: the exec after the batch; in the new image, resuming
 //! ```
 
 mod clients;

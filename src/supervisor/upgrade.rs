@@ -2,6 +2,9 @@
 //! snapshot, keep exactly the fds to hand over, `execve` in the same pid; and in the new
 //! image, adopt those fds and the state, reap what exited meanwhile, tell systemd we live.
 //!
+//! The request is an `Event::Upgrade` with a ticket; `handle()` refuses it while stopping
+//! or answers `Action::Upgrade`, which `ask_upgrade` records; `upgrade` runs it.
+//!
 //! The upgrade runs between two batches of events (never in the middle of one, so nothing
 //! read from the notify socket or the signalfd is dropped): exits during the exec stay
 //! zombies and blocked signals stay pending (the mask survives `execve`), notifications
