@@ -119,6 +119,10 @@ pub enum Command {
     /// Start a new worker generation on the same sockets, then drain the old one
     #[command(after_help = RELOAD_EXAMPLES)]
     Reload(ReloadArgs),
+    /// Re-execute the supervisor (the clusterctl binary now on disk, or --binary) in the
+    /// same pid, keeping its workers, sockets and state
+    #[command(after_help = UPGRADE_EXAMPLES)]
+    Upgrade(UpgradeArgs),
     /// Restart all workers: `--rolling` replaces one slot at a time (new before old)
     #[command(after_help = RESTART_EXAMPLES)]
     Restart(RestartArgs),
@@ -248,6 +252,27 @@ pub struct Target {
     /// The control socket's path (`clusterctl run --control PATH`)
     #[arg(long, value_name = "PATH", conflicts_with = "app", value_hint = ValueHint::FilePath)]
     pub control: Option<PathBuf>,
+}
+
+const UPGRADE_EXAMPLES: &str = "Examples:
+  clusterctl upgrade myapp --wait               # after installing a new clusterctl
+  clusterctl upgrade myapp --binary /opt/clusterctl-new --wait
+
+The supervisor execs the new binary in the same pid (systemd's MainPID does not change)
+and hands it its state; the workers keep running. Without --wait the answer comes once the
+exec is under way; with --wait, from the new binary once it resumed (its version). Exit 1
+if the binary cannot be executed: the old supervisor keeps running unchanged.";
+
+#[derive(Debug, Args)]
+pub struct UpgradeArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// Wait until the new binary resumed; print its version
+    #[arg(long)]
+    pub wait: bool,
+    /// Execute this binary instead of the one the supervisor was started from
+    #[arg(long, value_name = "PATH", value_hint = ValueHint::FilePath)]
+    pub binary: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -450,6 +475,10 @@ pub struct RunArgs {
     /// Where clusterctl's own log goes
     #[arg(long, value_enum, value_name = "TARGET", default_value = "auto")]
     pub log: LogTarget,
+
+    /// Internal (`clusterctl upgrade`): resume from the hand-over snapshot at this fd
+    #[arg(long, value_name = "FD", hide = true)]
+    pub resume_from: Option<i32>,
 
     /// The worker command and its arguments
     #[arg(last = true, required = true, value_name = "CMD",

@@ -9,6 +9,7 @@
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -16,14 +17,24 @@ use std::time::{Duration, Instant};
 use crate::error::{Context, Error, Result};
 
 /// The largest request accepted.
-const MAX_REQUEST: usize = 256;
+const MAX_REQUEST: usize = 8192;
 
 /// A parsed control request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
-    Reload { rolling: bool, wait: bool },
-    Status { json: bool },
+    Reload {
+        rolling: bool,
+        wait: bool,
+    },
+    Status {
+        json: bool,
+    },
     Scale(u32),
+    /// `clusterctl upgrade`: re-execute the supervisor (see `supervisor::handover`).
+    Upgrade {
+        wait: bool,
+        binary: Option<PathBuf>,
+    },
 }
 
 impl std::str::FromStr for Request {
@@ -48,6 +59,25 @@ impl std::str::FromStr for Request {
                 rolling: true,
                 wait: true,
             }),
+            ["upgrade", rest @ ..] => {
+                let mut wait = false;
+                let mut binary = None;
+                let mut it = rest.iter();
+                while let Some(w) = it.next() {
+                    match *w {
+                        "--wait" => wait = true,
+                        "--binary" => {
+                            let p = it.next().ok_or("upgrade --binary needs a path")?;
+                            binary = Some(PathBuf::from(std::ffi::OsString::from_vec(
+                                crate::supervisor::handover::unescape(p)
+                                    .ok_or_else(|| format!("bad path {p:?}"))?,
+                            )));
+                        }
+                        _ => return Err(format!("unknown request {line:?}")),
+                    }
+                }
+                Ok(Request::Upgrade { wait, binary })
+            }
             ["status"] => Ok(Request::Status { json: false }),
             ["status", "--json"] => Ok(Request::Status { json: true }),
             ["scale", n] => {
@@ -74,6 +104,18 @@ impl std::fmt::Display for Request {
             }
             Request::Status { json } => f.write_str(if *json { "status --json" } else { "status" }),
             Request::Scale(n) => write!(f, "scale {n}"),
+            Request::Upgrade { wait, binary } => {
+                f.write_str("upgrade")?;
+                if *wait {
+                    f.write_str(" --wait")?;
+                }
+                if let Some(b) = binary {
+                    use std::os::unix::ffi::OsStrExt;
+                    let p = crate::supervisor::handover::escape(b.as_os_str().as_bytes());
+                    write!(f, " --binary {p}")?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -181,6 +223,19 @@ impl ControlSocket {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Device and inode of the socket file (handed over by `clusterctl upgrade`).
+    pub fn file_id(&self) -> Option<(u64, u64)> {
+        self.id
+    }
+
+    /// The control socket of the previous image (`clusterctl upgrade`); clients that
+    /// connected during the exec wait in its backlog.
+    pub fn adopt(fd: std::os::fd::OwnedFd, path: PathBuf, id: Option<(u64, u64)>) -> ControlSocket {
+        let listener = UnixListener::from(fd);
+        let _ = listener.set_nonblocking(true);
+        ControlSocket { listener, path, id }
     }
 
     /// Accepts a pending client: `Ok(None)` when there is none. Its request is read as it
@@ -510,7 +565,7 @@ pub fn locate(app: Option<&str>, control: Option<&Path>) -> Result<PathBuf> {
 
 /// Sends `request` and returns the supervisor's answer text (without `ok `), or an error
 /// (`error ...` answers become `Error::Failed`, exit 1).
-pub fn call(path: &Path, request: Request, timeout: Option<Duration>) -> Result<String> {
+pub fn call(path: &Path, request: &Request, timeout: Option<Duration>) -> Result<String> {
     let mut stream = UnixStream::connect(path).map_err(|e| {
         Error::Unavailable(format!(
             "cannot reach the supervisor at {}: {e}{}",

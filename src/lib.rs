@@ -58,7 +58,7 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> u8 {
         Command::Reload(a) => {
             return ctl(
                 &a.target,
-                control::Request::Reload {
+                &control::Request::Reload {
                     rolling: false,
                     wait: a.wait,
                 },
@@ -67,13 +67,24 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> u8 {
         Command::Restart(a) => {
             return ctl(
                 &a.target,
-                control::Request::Reload {
+                &control::Request::Reload {
                     rolling: a.rolling,
                     wait: a.wait,
                 },
             );
         }
-        Command::Status(a) => return ctl(&a.target, control::Request::Status { json: a.json }),
+        Command::Status(a) => return ctl(&a.target, &control::Request::Status { json: a.json }),
+        Command::Upgrade(a) => {
+            // A relative --binary means the caller's directory, not the supervisor's.
+            let binary = a.binary.map(|b| std::path::absolute(&b).unwrap_or(b));
+            return ctl(
+                &a.target,
+                &control::Request::Upgrade {
+                    wait: a.wait,
+                    binary,
+                },
+            );
+        }
         Command::Logs(a) => logs(&a),
         Command::Man(a) => man(&a),
         Command::Completions { shell } => {
@@ -87,7 +98,7 @@ pub fn main(args: impl IntoIterator<Item = std::ffi::OsString>) -> u8 {
             write_stdout(&out)
         }
         Command::Scale(a) => match a.split() {
-            Ok((target, n)) => return ctl(&target, control::Request::Scale(n.resolve())),
+            Ok((target, n)) => return ctl(&target, &control::Request::Scale(n.resolve())),
             Err(e) => return usage_error(&e, "scale"),
         },
     };
@@ -196,7 +207,7 @@ fn logs(a: &cli::LogsArgs) -> error::Result<()> {
 }
 
 /// Sends one request to a running supervisor, prints its answer; returns the exit code.
-fn ctl(target: &cli::Target, request: control::Request) -> u8 {
+fn ctl(target: &cli::Target, request: &control::Request) -> u8 {
     let path = match control::locate(target.app.as_deref(), target.control.as_deref()) {
         Ok(p) => p,
         // No APP, no --control, and no supervisor found by default: a usage error.
@@ -206,6 +217,7 @@ fn ctl(target: &cli::Target, request: control::Request) -> u8 {
                 control::Request::Reload { rolling: true, .. } => "restart",
                 control::Request::Reload { .. } => "reload",
                 control::Request::Scale(_) => "scale",
+                control::Request::Upgrade { .. } => "upgrade",
             };
             return usage_error(
                 &format!(
@@ -219,8 +231,13 @@ fn ctl(target: &cli::Target, request: control::Request) -> u8 {
         Err(e) => return report(&e),
     };
     let waits = matches!(request, control::Request::Reload { wait: true, .. });
-    // Reloads may take as long as the workers' ready timeout; anything else is instant.
-    let timeout = (!waits).then(|| std::time::Duration::from_secs(10));
+    // Reloads may take as long as the workers' ready timeout; an upgrade as long as the
+    // new binary takes to start (a cold page cache, a loaded host); anything else is instant.
+    let timeout = if matches!(request, control::Request::Upgrade { .. }) {
+        Some(std::time::Duration::from_secs(60))
+    } else {
+        (!waits).then(|| std::time::Duration::from_secs(10))
+    };
     match control::call(&path, request, timeout) {
         Ok(answer) => {
             let answer = answer.trim_end();

@@ -93,6 +93,7 @@ pub fn init(target: LogTarget) -> Option<String> {
                 );
                 match spawned {
                     Ok(_) => {
+                        let _ = QUEUE_TX.set(tx.clone());
                         let sub = tracing_subscriber::registry()
                             .with(HandOff(tx))
                             .with(tracing_subscriber::filter::LevelFilter::INFO);
@@ -136,6 +137,31 @@ struct Record {
     level: Level,
     worker: Option<WorkerTag>,
     message: String,
+    /// A flush marker (`flush`): answered once every entry queued before it is written.
+    done: Option<SyncSender<()>>,
+}
+
+/// The log thread's queue, for `flush`.
+static QUEUE_TX: std::sync::OnceLock<SyncSender<Record>> = std::sync::OnceLock::new();
+
+/// Waits (at most `timeout`) until the journald log thread wrote everything queued so far:
+/// `clusterctl upgrade` calls it right before `execve`, which ends that thread. Returns
+/// false if the queue was not drained in time.
+pub fn flush(timeout: std::time::Duration) -> bool {
+    let Some(tx) = QUEUE_TX.get() else {
+        return true;
+    };
+    let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
+    let marker = Record {
+        level: Level::INFO,
+        worker: None,
+        message: String::new(),
+        done: Some(done_tx),
+    };
+    if tx.try_send(marker).is_err() {
+        return false;
+    }
+    done_rx.recv_timeout(timeout).is_ok()
 }
 
 /// The layer on the event loop's side: captures an event and queues it, never waiting.
@@ -161,6 +187,7 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for HandOff {
             level: *event.metadata().level(),
             worker,
             message: v.message,
+            done: None,
         };
         match self.0.try_send(record) {
             Ok(()) => {}
@@ -218,6 +245,10 @@ impl tracing::field::Visit for Fields {
 fn journal_thread(journal: &tracing::Dispatch, rx: &Receiver<Record>) {
     tracing::dispatcher::with_default(journal, || {
         while let Ok(r) = rx.recv() {
+            if let Some(done) = r.done {
+                let _ = done.send(());
+                continue;
+            }
             emit(r.level, r.worker, &r.message);
         }
     });

@@ -211,6 +211,22 @@ impl NotifySocket {
         })
     }
 
+    /// The notify socket of the previous image (`clusterctl upgrade`): same fd, same path,
+    /// so the workers' `NOTIFY_SOCKET` keeps working; queued datagrams are read after.
+    pub fn adopt(fd: OwnedFd, path: PathBuf, tmpdir: Option<PathBuf>) -> NotifySocket {
+        NotifySocket {
+            fd,
+            path,
+            tmpdir,
+            buf: vec![0; MAX_DATAGRAM + 1],
+        }
+    }
+
+    /// The directory created for the socket, if any (handed over by `clusterctl upgrade`).
+    pub fn tmpdir(&self) -> Option<&std::path::Path> {
+        self.tmpdir.as_deref()
+    }
+
     pub fn path(&self) -> &std::path::Path {
         &self.path
     }

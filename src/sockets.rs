@@ -30,6 +30,24 @@ impl Listeners {
     pub fn len(&self) -> usize {
         self.names.len()
     }
+
+    /// Unix socket files we created (handed over by `clusterctl upgrade`).
+    pub fn created_paths(&self) -> &[PathBuf] {
+        &self.created_paths
+    }
+
+    /// The sockets of the previous image (`clusterctl upgrade`), still at fds 3..3+n.
+    pub fn adopt(
+        names: Vec<String>,
+        addresses: Vec<String>,
+        created_paths: Vec<PathBuf>,
+    ) -> Listeners {
+        Listeners {
+            names,
+            addresses,
+            created_paths,
+        }
+    }
 }
 
 impl Drop for Listeners {

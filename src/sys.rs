@@ -379,6 +379,68 @@ fn set_cloexec(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
+/// Sets or clears `FD_CLOEXEC` on `fd` (the upgrade keeps exactly the fds it hands over
+/// open across `execve`, and restores the flag if the exec fails).
+pub fn set_inherit(fd: RawFd, inherit: bool) -> io::Result<()> {
+    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+    // SAFETY: borrowed only for this fcntl call; the caller names an fd it owns and keeps
+    // open (a closed fd makes fcntl fail with EBADF, nothing worse).
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    let flags = if inherit {
+        FdFlag::empty()
+    } else {
+        FdFlag::FD_CLOEXEC
+    };
+    fcntl(fd, FcntlArg::F_SETFD(flags))?;
+    Ok(())
+}
+
+/// Takes ownership of an fd handed over by the previous image (`clusterctl upgrade`),
+/// after checking it is open; it is made close-on-exec again.
+pub fn adopt_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    if fd < 3 {
+        return Err(io::Error::other(format!("fd {fd} is a standard stream")));
+    }
+    set_inherit(fd, false).map_err(|e| io::Error::other(format!("fd {fd}: {e}")))?;
+    // SAFETY: the fd is open (fcntl above succeeded) and was handed to this image by the
+    // previous one, which owned it; `handover::decode` rejects a snapshot naming an fd
+    // twice, so nothing else in this process owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A memory file for the hand-over snapshot (`memfd_create`, close-on-exec until the
+/// upgrade clears the flag).
+pub fn memfd(name: &std::ffi::CStr) -> io::Result<OwnedFd> {
+    Ok(nix::sys::memfd::memfd_create(
+        name,
+        nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+    )?)
+}
+
+/// Replaces this process image (same pid) with `path`, keeping the environment. Only
+/// returns on failure. Other threads end with the exec.
+pub fn exec(path: &std::path::Path, argv: &[std::ffi::OsString]) -> io::Error {
+    use std::os::unix::ffi::OsStrExt;
+    let c = |s: &std::ffi::OsStr| CString::new(s.as_bytes());
+    let Ok(path) = c(path.as_os_str()) else {
+        return io::Error::other("the binary's path contains a NUL byte");
+    };
+    let Ok(argv) = argv.iter().map(|a| c(a)).collect::<Result<Vec<_>, _>>() else {
+        return io::Error::other("an argument contains a NUL byte");
+    };
+    match nix::unistd::execv(&path, &argv) {
+        Err(e) => e.into(),
+        Ok(never) => match never {},
+    }
+}
+
+/// Is `pid` still a child of ours (running, or a zombie not reaped yet)?
+pub fn is_child(pid: Pid) -> bool {
+    use nix::sys::wait::{Id, WaitPidFlag, waitid};
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+    waitid(Id::Pid(pid), flags) != Err(nix::Error::ECHILD)
+}
+
 /// Makes this process a child subreaper: orphaned descendants of workers are reparented to
 /// the supervisor (and reaped) instead of init.
 pub fn set_child_subreaper() -> io::Result<()> {
@@ -488,6 +550,21 @@ impl Guardian {
 
     pub fn pid(&self) -> Pid {
         self.pid
+    }
+
+    /// The write end of its pipe (kept open across `clusterctl upgrade`'s exec, so the
+    /// guardian never sees EOF).
+    pub fn pipe_fd(&self) -> RawFd {
+        self.pipe.as_raw_fd()
+    }
+
+    /// The guardian of the previous image (`clusterctl upgrade`): its pid and pipe.
+    pub fn adopt(pid: Pid, pipe: OwnedFd) -> Guardian {
+        Guardian {
+            pid,
+            pipe: std::fs::File::from(pipe),
+            broken: false,
+        }
     }
 
     /// Tells the guardian about a worker's process group (`add`) or that it is gone.

@@ -14,3 +14,4 @@ mod servers;
 mod support;
 mod systemd_e2e;
 mod systemd_smoke;
+mod upgrade;

@@ -217,6 +217,8 @@ pub struct RunSettings {
     pub command: Vec<OsString>,
     /// The program that is executed: `command[0]` resolved.
     pub program: PathBuf,
+    /// Hidden `--resume-from FD`: the hand-over snapshot of `clusterctl upgrade`.
+    pub resume_from: Option<i32>,
 }
 
 impl RunSettings {
@@ -243,6 +245,7 @@ impl RunSettings {
             pidfile,
             log,
             command,
+            resume_from,
         } = args;
         let sockets = SocketPaths {
             control: control.as_deref(),
@@ -264,6 +267,7 @@ impl RunSettings {
             log,
             command,
             program,
+            resume_from,
         })
     }
 
@@ -281,6 +285,7 @@ impl RunSettings {
             log,
             command,
             program: _,
+            resume_from,
         } = self;
         let mut out: Vec<OsString> = vec!["run".into()];
         for l in listen {
@@ -305,6 +310,10 @@ impl RunSettings {
         }
         if *log != LogTarget::Auto {
             out.extend(["--log".into(), value_name(log).into()]);
+        }
+        // Hidden: only `clusterctl upgrade` passes it, to the binary it executes.
+        if let Some(fd) = resume_from {
+            out.extend(["--resume-from".into(), fd.to_string().into()]);
         }
         out.push("--".into());
         out.extend(command.iter().cloned());

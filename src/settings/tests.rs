@@ -161,6 +161,7 @@ fn sample(id: &str) -> Option<&'static [&'static str]> {
         "lazy" => &["--lazy"],
         "pidfile" => &["--pidfile", "/tmp/x.pid"],
         "log" => &["--log", "stderr"],
+        "resume_from" => &["--resume-from", "7"],
         "command" => &["--", "sh", "-c", "exit 0"],
         _ => return None,
     })

@@ -129,6 +129,14 @@ impl Executor {
                     Event::Reload { ticket, wait }
                 });
             }
+            Request::Upgrade { wait, binary } => {
+                let ticket = self.ticket_for(stream);
+                events.push(Event::Upgrade {
+                    ticket,
+                    wait,
+                    binary,
+                });
+            }
         }
     }
 

@@ -83,6 +83,13 @@ pub enum Event {
     /// The answer to `Action::SampleMemory`: resident memory in bytes (the worker's whole
     /// process tree) of each worker that could be read.
     Memory(Vec<(Pid, u64)>),
+    /// `clusterctl upgrade [--wait] [--binary PATH]` (`ticket`): answered with
+    /// `Action::Upgrade` (the executor re-executes) or a refusal (`Answer`).
+    Upgrade {
+        ticket: Ticket,
+        wait: bool,
+        binary: Option<std::path::PathBuf>,
+    },
     /// Some armed deadline may have passed (the executor wakes us at `next_deadline`).
     Tick,
 }
@@ -126,6 +133,13 @@ pub enum Action {
     /// Read the resident memory of the starting and ready workers; the result comes back
     /// as `Memory`.
     SampleMemory,
+    /// Re-execute the supervisor in the same pid after the current batch (`clusterctl
+    /// upgrade`, handover.rs / upgrade.rs); the client holding `ticket` gets the outcome.
+    Upgrade {
+        ticket: Ticket,
+        wait: bool,
+        binary: Option<std::path::PathBuf>,
+    },
     /// All workers are gone: exit the supervisor with this code.
     Exit { code: u8 },
 }

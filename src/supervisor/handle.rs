@@ -105,6 +105,23 @@ pub fn handle(state: &mut State, event: Event, now: Instant) -> Vec<Action> {
         Event::Status { ticket, json } => out.push(Action::Report { ticket, json }),
         Event::Backlog(b) => backlog(state, b, now, &mut out),
         Event::Memory(samples) => memory(state, &samples),
+        // The state survives the exec (handover.rs); only a stopping supervisor refuses.
+        Event::Upgrade {
+            ticket,
+            wait,
+            binary,
+        } => out.push(if matches!(state.phase, Phase::Stopping { .. }) {
+            Action::Answer {
+                ticket,
+                result: Err("upgrade refused: the supervisor is stopping".into()),
+            }
+        } else {
+            Action::Upgrade {
+                ticket,
+                wait,
+                binary,
+            }
+        }),
         Event::Tick => tick(state, now, &mut out),
     }
     settle(state, now, &mut out);

@@ -22,6 +22,8 @@
 //! state.rs     State, Worker, WorkerPhase, StopReason, Reload: plain data
 //! handle.rs    handle(state, event, now) -> actions; handle/{lifecycle,reload,scale,tick}.rs
 //! procfs.rs    the one /proc reader; memory.rs: tree RSS; pidfile.rs; status.rs: the report
+//! handover.rs  `clusterctl upgrade`: the versioned snapshot of State and fds
+//! upgrade.rs   Action::Upgrade: the exec after the batch; in the new image, resuming
 //! ```
 
 mod clients;
@@ -29,6 +31,7 @@ mod decode;
 pub mod event;
 mod exec;
 mod handle;
+pub mod handover;
 mod memory;
 mod pidfile;
 pub(crate) mod procfs;
@@ -36,6 +39,7 @@ mod samples;
 mod start;
 pub mod state;
 mod status;
+mod upgrade;
 
 pub use self::start::run;
 
@@ -102,11 +106,18 @@ struct Executor {
     pidfds: std::collections::HashMap<Pid, OwnedFd>,
     /// `pidfd_open` is missing (ENOSYS, Linux < 5.3): plain pids, warned once.
     no_pidfds: bool,
+    /// `clusterctl upgrade`: a request to carry out after the current batch, and (in the
+    /// new image) what is left to do on resume.
+    upgrade: Option<upgrade::Request>,
+    resumed: Option<upgrade::Resumed>,
 }
 
 impl Executor {
     fn run(&mut self) -> Result<u8> {
-        self.dispatch(Event::Start);
+        match self.resumed.take() {
+            Some(r) => self.resumed(r),
+            None => self.dispatch(Event::Start),
+        }
         while self.exit.is_none() {
             let events = self.wait()?;
             if std::mem::take(&mut self.child_exited) {
@@ -120,6 +131,12 @@ impl Executor {
                 if self.exit.is_some() {
                     break;
                 }
+            }
+            // Between batches: nothing read is left unhandled.
+            if let Some(u) = self.upgrade.take()
+                && self.exit.is_none()
+            {
+                self.upgrade(u);
             }
         }
         Ok(self.exit.unwrap_or(0))
@@ -306,6 +323,11 @@ impl Executor {
                     self.answer(t, result.clone().map(|g| format!("generation {g} serving")));
                 }
             }
+            Action::Upgrade {
+                ticket,
+                wait,
+                binary,
+            } => self.ask_upgrade(ticket, wait, binary),
             Action::Exit { code } => {
                 if code == 0 {
                     tracing::info!("all workers stopped; exiting");

@@ -13,6 +13,11 @@ use crate::error::{Context, Error, Result};
 pub(super) struct Pidfile(PathBuf);
 
 impl Pidfile {
+    /// The pidfile this pid wrote before `clusterctl upgrade` re-executed it.
+    pub(super) fn adopt(path: PathBuf) -> Pidfile {
+        Pidfile(path)
+    }
+
     pub(super) fn create(path: &Path) -> Result<Pidfile> {
         use std::io::Write;
         for _ in 0..2 {

@@ -11,6 +11,7 @@ use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 use super::state::{Config, State};
+use super::upgrade::Resume;
 use super::{Executor, pidfile};
 use crate::control::ControlSocket;
 use crate::error::{Context, Result};
@@ -48,10 +49,20 @@ const SIGNALS: &[Signal] = &[
 /// `RunSettings::from_args` (every rule between options, the program resolved).
 pub fn run(args: RunSettings) -> Result<u8> {
     // Sockets first: in bind mode they must land at fds 3.. before anything else opens fds.
-    let (listeners, warnings) = sockets::acquire(&args.listen, args.reuse_port)?;
+    // `clusterctl upgrade`: the previous image handed over its fds and state.
+    let mut resume = args.resume_from.map(Resume::read).transpose()?;
+    let (listeners, warnings) = match resume.as_mut().and_then(|r| r.listeners.take()) {
+        Some(l) => (l, Vec::new()),
+        None => sockets::acquire(&args.listen, args.reuse_port)?,
+    };
     let nofile = sys::raise_nofile();
     // Forked from the main thread before the log thread exists; it keeps none of our fds.
-    let guardian = sys::Guardian::start();
+    let guardian = match resume.as_mut() {
+        Some(r) => r.guardian.take().ok_or_else(|| {
+            std::io::Error::other("the supervisor had none before `clusterctl upgrade`")
+        }),
+        None => sys::Guardian::start(),
+    };
     let log_warning = crate::log::init(args.log);
     for w in warnings.iter().chain(&log_warning) {
         tracing::warn!("{w}");
@@ -87,22 +98,34 @@ pub fn run(args: RunSettings) -> Result<u8> {
         rolling: args.opts.reload_strategy == crate::cli::ReloadStrategy::Rolling,
         systemd_watchdog: crate::notify::watchdog_interval(),
     };
-    let pidfile = (args.pidfile.as_deref())
-        .map(pidfile::Pidfile::create)
-        .transpose()?;
-    let control = match args.control.clone().or_else(ControlSocket::default_path) {
-        Some(path) => Some(ControlSocket::bind(&path)?),
-        // Run by hand: a control socket of its own, found by `clusterctl status`.
-        None => match ControlSocket::bind_by_hand(&program) {
-            Ok(c) => Some(c),
-            Err(e) => {
-                tracing::warn!("no control socket ({e}); give --control PATH to have one");
-                None
-            }
+    let pidfile = match &resume {
+        // Ours already (same pid): removed on exit, not created again.
+        Some(_) => args.pidfile.clone().map(pidfile::Pidfile::adopt),
+        None => (args.pidfile.as_deref())
+            .map(pidfile::Pidfile::create)
+            .transpose()?,
+    };
+    let adopted = resume.as_mut().map(|r| r.control.take());
+    let control = match adopted {
+        Some(c) => c,
+        None => match args.control.clone().or_else(ControlSocket::default_path) {
+            Some(path) => Some(ControlSocket::bind(&path)?),
+            // Run by hand: a control socket of its own, found by `clusterctl status`.
+            None => match ControlSocket::bind_by_hand(&program) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!("no control socket ({e}); give --control PATH to have one");
+                    None
+                }
+            },
         },
     };
-    let mut sup = Executor::new(cfg, listeners, program, args.command, control)?;
+    let notify = resume.as_mut().and_then(|r| r.notify.take());
+    let mut sup = Executor::new(cfg, listeners, program, args.command, control, notify)?;
     sup.guardian = guardian;
+    if let Some(r) = resume {
+        r.apply(&mut sup);
+    }
     let code = sup.run();
     drop(pidfile);
     code
@@ -115,6 +138,7 @@ impl Executor {
         program: PathBuf,
         argv: Vec<OsString>,
         control: Option<ControlSocket>,
+        notify: Option<NotifySocket>,
     ) -> Result<Executor> {
         let mut mask = SigSet::empty();
         for s in SIGNALS {
@@ -127,7 +151,12 @@ impl Executor {
         if let Err(e) = sys::set_child_subreaper() {
             tracing::warn!("cannot become a child subreaper: {e}");
         }
-        let notify = NotifySocket::bind()?;
+        // Handed over by `clusterctl upgrade`: this image resumes, it starts nothing.
+        let resuming = notify.is_some();
+        let notify = match notify {
+            Some(n) => n,
+            None => NotifySocket::bind()?,
+        };
         let devnull: OwnedFd = std::fs::File::open("/dev/null")
             .context(|| "cannot open /dev/null".into())?
             .into();
@@ -146,8 +175,13 @@ impl Executor {
             base_env.push(("WATCHDOG_USEC".into(), wd.as_micros().to_string().into()));
         }
         tracing::info!(
-            "supervisor pid {} starting {} worker(s) of {} on {}",
+            "supervisor pid {} {} {} worker(s) of {} on {}",
             std::process::id(),
+            if resuming {
+                "resuming with"
+            } else {
+                "starting"
+            },
             cfg.workers,
             program.display(),
             listeners
@@ -204,6 +238,8 @@ impl Executor {
             child_exited: false,
             pidfds: std::collections::HashMap::new(),
             no_pidfds: false,
+            upgrade: None,
+            resumed: None,
         })
     }
 }

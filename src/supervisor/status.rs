@@ -36,6 +36,9 @@ pub struct WorkerRow {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Report {
     pub pid: u32,
+    /// The running binary and its version (they change with `clusterctl upgrade`).
+    pub binary: String,
+    pub version: String,
     pub uptime: Duration,
     pub phase: &'static str,
     pub status: String,
@@ -180,6 +183,10 @@ pub fn report(
     workers.sort_by_key(|w| (w.slot, w.generation));
     Report {
         pid: std::process::id(),
+        binary: crate::supervisor::handover::current_binary()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        version: crate::supervisor::handover::version(),
         uptime: now.saturating_duration_since(started),
         phase: match state.phase {
             Phase::Idle => "idle",
@@ -229,6 +236,11 @@ impl Report {
             self.pid,
             secs(self.uptime),
             self.phase
+        );
+        let _ = writeln!(
+            o,
+            "binary:     {} (clusterctl {})",
+            self.binary, self.version
         );
         let _ = writeln!(o, "status:     {}", self.status);
         let _ = writeln!(
@@ -298,13 +310,15 @@ impl Report {
         let mut o = String::from("{\"version\":1,");
         let _ = write!(
             o,
-            "\"supervisor\":{{\"pid\":{},\"uptime_seconds\":{},\"phase\":{},\"status\":{},\"generation\":{},\"workers_wanted\":{},\"log_lines_dropped\":{}}},",
+            "\"supervisor\":{{\"pid\":{},\"uptime_seconds\":{},\"phase\":{},\"status\":{},\"generation\":{},\"workers_wanted\":{},\"binary\":{},\"version\":{},\"log_lines_dropped\":{}}},",
             self.pid,
             secs(self.uptime),
             jstr(self.phase),
             jstr(&self.status),
             self.generation,
             self.workers_wanted,
+            jstr(&self.binary),
+            jstr(&self.version),
             self.log_lines_dropped
         );
         o.push_str("\"sockets\":[");

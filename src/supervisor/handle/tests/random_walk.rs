@@ -207,6 +207,7 @@ impl Walk {
                 }
             }
             Action::Answer { ticket, .. }
+            | Action::Upgrade { ticket, .. }
             | Action::Report {
                 ticket: Some(ticket),
                 ..
