@@ -151,7 +151,7 @@ fn a_flood_of_100k_notify_datagrams_is_shrugged_off() {
     let flood = std::thread::spawn(move || {
         let s = UnixDatagram::unbound().unwrap();
         s.set_nonblocking(true).unwrap();
-        let deadline = Instant::now() + SECS(60);
+        let deadline = Instant::now() + SECS(180);
         let (mut sent, mut full) = (0u32, 0u32);
         for i in 0..100_000u32 {
             if Instant::now() > deadline {
@@ -194,7 +194,7 @@ fn a_flood_of_100k_notify_datagrams_is_shrugged_off() {
         answers += 1;
     }
     let (sent, full) = flood.join().unwrap();
-    assert_eq!(sent, 100_000, "datagrams delivered within 60 s");
+    assert_eq!(sent, 100_000, "datagrams delivered within 180 s");
     assert!(answers > 0);
     assert!(http_get(port, "/").is_ok(), "{}", sup.log());
     let r = rows(&sup);

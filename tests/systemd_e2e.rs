@@ -475,11 +475,11 @@ fn a_worker_flooding_the_journal_does_not_drown_the_supervisor(version: Version)
         status_json(&sd, "floody")
     );
     let behind = started.elapsed();
-    let lines = sd.journal(&["-u", "floody", "-o", "cat"]).lines().count();
+    // (With `LogRateLimitIntervalSec=0` journald kept ~35 000 lines of the flood and none
+    // of the supervisor's reload lines: measured on 252 and 257.)
     eprintln!(
-        "{version}: journal flood during a reload: {lines} lines in the unit's journal \
-         (journald's default limit is 10000 per 30 s, scaled by free space); the supervisor's \
-         reload lines all arrived, the last {behind:?} after the reload returned"
+        "{version}: journal flood during a reload: the supervisor's reload lines all arrived, \
+         the last {behind:?} after the reload returned"
     );
     sd.systemctl_ok(&["stop", "floody.service"]);
 }
