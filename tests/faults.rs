@@ -439,12 +439,7 @@ fn notify_abuse_is_ignored() {
         || format!("ready\n{}", sup.log()),
     );
     let worker = slot_pid(&json, 0).unwrap();
-    let notify = std::fs::read(format!("/proc/{worker}/environ"))
-        .unwrap()
-        .split(|b| *b == 0)
-        .find_map(|kv| kv.strip_prefix(b"NOTIFY_SOCKET="))
-        .map(|v| PathBuf::from(String::from_utf8_lossy(v).into_owned()))
-        .unwrap();
+    let notify = crate::support::notify_socket_of(worker);
     let (_, text, _) = sup.ctl(&["status"]);
     assert!(!text.contains('\x1b') && !text.contains('\x07'), "{text:?}");
     assert!(text.contains("ok?[2J??hidden"), "{text}");

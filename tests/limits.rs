@@ -5,7 +5,6 @@
 use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt as _;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -142,12 +141,7 @@ fn a_flood_of_100k_notify_datagrams_is_shrugged_off() {
     let port = free_port();
     let sup = Run::new(&dir).workers_on(port, 1).spawn();
     let worker = wait_pool(&sup, 1, 1, SECS(30))[0];
-    let notify = std::fs::read(format!("/proc/{worker}/environ"))
-        .unwrap()
-        .split(|b| *b == 0)
-        .find_map(|kv| kv.strip_prefix(b"NOTIFY_SOCKET="))
-        .map(|v| PathBuf::from(String::from_utf8_lossy(v).into_owned()))
-        .unwrap();
+    let notify = crate::support::notify_socket_of(worker);
     let flood = std::thread::spawn(move || {
         let s = UnixDatagram::unbound().unwrap();
         s.set_nonblocking(true).unwrap();

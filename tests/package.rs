@@ -72,19 +72,6 @@ fn build_deb_now() -> PathBuf {
     deb
 }
 
-/// Runs a command inside; panics with its output unless it succeeds; returns stdout.
-fn inside(sd: &Systemd, argv: &[&str]) -> String {
-    let out = sd.run(argv);
-    assert!(
-        out.status.success(),
-        "{argv:?} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// True if `path` exists inside the instance (as anything, symlinks included).
 fn exists_inside(sd: &Systemd, path: &str) -> bool {
     sd.run(&["/bin/sh", "-c", r#"[ -e "$1" ] || [ -L "$1" ]"#, "sh", path])
@@ -115,7 +102,7 @@ fn answering(port: u16, want: usize) -> std::collections::HashSet<String> {
 /// What the package contains, per `dpkg-deb --contents`: (files, directories), as
 /// absolute paths without a trailing slash (symlinks count as files).
 fn package_contents(sd: &Systemd, deb_inside: &str) -> (Vec<String>, Vec<String>) {
-    let listing = inside(sd, &["dpkg-deb", "--contents", deb_inside]);
+    let listing = sd.run_ok(&["dpkg-deb", "--contents", deb_inside]);
     let (mut files, mut dirs) = (Vec::new(), Vec::new());
     for line in listing.lines() {
         let fields: Vec<&str> = line.split_whitespace().collect();
@@ -137,7 +124,7 @@ fn package_contents(sd: &Systemd, deb_inside: &str) -> (Vec<String>, Vec<String>
 
 /// The subcommands `clusterctl --help` lists (without clap's `help`).
 fn subcommands(sd: &Systemd) -> Vec<String> {
-    let help = inside(sd, &["clusterctl", "--help"]);
+    let help = sd.run_ok(&["clusterctl", "--help"]);
     let subs: Vec<String> = help
         .lines()
         .skip_while(|l| !l.starts_with("Commands:"))
@@ -166,7 +153,10 @@ fn check_man_pages(sd: &Systemd, files: &[String]) {
         "no clusterctl.1.gz among {files:?}"
     );
     // A binary whose `man` writes one page per subcommand (`--dir`) ships them all.
-    if inside(sd, &["clusterctl", "man", "--help"]).contains("--dir") {
+    if sd
+        .run_ok(&["clusterctl", "man", "--help"])
+        .contains("--dir")
+    {
         for sub in subcommands(sd) {
             let page = format!("/usr/share/man/man1/clusterctl-{sub}.1.gz");
             assert!(pages.contains(&&page), "no {page} among {files:?}");
@@ -177,22 +167,19 @@ fn check_man_pages(sd: &Systemd, files: &[String]) {
         let name = page
             .trim_start_matches("/usr/share/man/man1/")
             .trim_end_matches(".1.gz");
-        let roff = inside(sd, &["zcat", page]);
+        let roff = sd.run_ok(&["zcat", page]);
         assert!(
             roff.contains(&format!(".TH {name} 1")),
             "{page} is not the man page of {name}:\n{}",
             &roff[..roff.len().min(300)]
         );
         if has_man {
-            let found = inside(sd, &["man", "-w", name]);
+            let found = sd.run_ok(&["man", "-w", name]);
             assert_eq!(found.trim_end(), page.as_str(), "man -w {name}");
         }
     }
     if has_man {
-        let text = inside(
-            sd,
-            &["/bin/sh", "-c", "MANPAGER=cat MANWIDTH=80 man clusterctl"],
-        );
+        let text = sd.run_ok(&["/bin/sh", "-c", "MANPAGER=cat MANWIDTH=80 man clusterctl"]);
         assert!(text.contains("gen-units"), "man clusterctl:\n{text}");
     } else {
         eprintln!("package: man-db not installed in the instance: checked the page files only");
@@ -217,7 +204,7 @@ fn check_completions(sd: &Systemd) {
          sed -n 's/.*-F \\([^ ]*\\).*/\\1/p')\" clusterctl '' clusterctl; \
          printf '%s\\n' \"${{COMPREPLY[@]}}\""
     );
-    let words = inside(sd, &["bash", "-c", &script]);
+    let words = sd.run_ok(&["bash", "-c", &script]);
     for sub in ["run", "gen-units", "reload", "status", "man", "completions"] {
         assert!(
             words.lines().any(|w| w == sub),
@@ -226,25 +213,22 @@ fn check_completions(sd: &Systemd) {
     }
 
     let zsh_file = "/usr/share/zsh/vendor-completions/_clusterctl";
-    let zsh = inside(sd, &["head", "-n", "1", zsh_file]);
+    let zsh = sd.run_ok(&["head", "-n", "1", zsh_file]);
     assert_eq!(zsh.trim_end(), "#compdef clusterctl", "{zsh_file}");
     if exists_inside(sd, "/usr/bin/zsh") {
-        let func = inside(
-            sd,
-            &[
-                "zsh",
-                "-c",
-                "autoload -Uz compinit && compinit -u -D && print -r -- $_comps[clusterctl]",
-            ],
-        );
+        let func = sd.run_ok(&[
+            "zsh",
+            "-c",
+            "autoload -Uz compinit && compinit -u -D && print -r -- $_comps[clusterctl]",
+        ]);
         assert_eq!(func.trim_end(), "_clusterctl", "zsh's compinit finds it");
     }
 
     let fish_file = "/usr/share/fish/vendor_completions.d/clusterctl.fish";
-    let fish = inside(sd, &["cat", fish_file]);
+    let fish = sd.run_ok(&["cat", fish_file]);
     assert!(fish.contains("complete -c clusterctl"), "{fish_file}");
     if exists_inside(sd, "/usr/bin/fish") {
-        let words = inside(sd, &["fish", "-c", "complete -C 'clusterctl '"]);
+        let words = sd.run_ok(&["fish", "-c", "complete -C 'clusterctl '"]);
         assert!(words.contains("gen-units"), "fish completes:\n{words}");
     }
 }
@@ -257,23 +241,20 @@ fn check_under_systemd(sd: &Systemd) {
     let listen = format!("127.0.0.1:{port}");
     // The example worker (examples/worker/): it answers `worker=… pid=… generation=…`.
     let worker = Systemd::path(&example("worker"));
-    inside(
-        sd,
-        &[
-            "clusterctl",
-            "gen-units",
-            APP,
-            "-o",
-            "/etc/systemd/system",
-            "--listen",
-            &listen,
-            "--workers",
-            "3",
-            "--",
-            &worker,
-        ],
-    );
-    let service = inside(sd, &["cat", &format!("/etc/systemd/system/{APP}.service")]);
+    sd.run_ok(&[
+        "clusterctl",
+        "gen-units",
+        APP,
+        "-o",
+        "/etc/systemd/system",
+        "--listen",
+        &listen,
+        "--workers",
+        "3",
+        "--",
+        &worker,
+    ]);
+    let service = sd.run_ok(&["cat", &format!("/etc/systemd/system/{APP}.service")]);
     let exec_start = service
         .lines()
         .find(|l| l.starts_with("ExecStart="))
@@ -297,13 +278,13 @@ fn check_under_systemd(sd: &Systemd) {
         "{first:?}"
     );
     let main_pid = sd.unit_property(&format!("{APP}.service"), "MainPID");
-    let status = inside(sd, &["clusterctl", "status", "--json", APP]);
+    let status = sd.run_ok(&["clusterctl", "status", "--json", APP]);
     assert!(status.contains("\"generation\":1,"), "{status}");
 
     sd.systemctl_ok(&["reload", APP]);
     // `systemctl reload` returns once generation 2 serves; generation 1 then drains.
     wait_for("generation 1 to finish draining", SECS(30), || {
-        let status = inside(sd, &["clusterctl", "status", "--json", APP]);
+        let status = sd.run_ok(&["clusterctl", "status", "--json", APP]);
         (status.contains("\"generation\":2,") && !status.contains("\"draining\"")).then_some(())
     });
     let second = answering(port, 3);
@@ -376,7 +357,7 @@ fn install_use_remove(sd: &Systemd, deb: &Path) {
     );
 
     let mut phase = Phases::start();
-    inside(sd, &["dpkg", "-i", &deb_inside]);
+    sd.run_ok(&["dpkg", "-i", &deb_inside]);
     phase.done("dpkg -i");
     let missing: Vec<&String> = files
         .iter()
@@ -384,16 +365,17 @@ fn install_use_remove(sd: &Systemd, deb: &Path) {
         .filter(|f| !exists_inside(sd, f))
         .collect();
     assert!(missing.is_empty(), "dpkg -i did not install {missing:?}");
-    let version = inside(sd, &["clusterctl", "--version"]);
+    let version = sd.run_ok(&["clusterctl", "--version"]);
     assert_eq!(
         version.trim_end(),
         format!("clusterctl {}", env!("CARGO_PKG_VERSION"))
     );
     assert_eq!(
-        inside(sd, &["/bin/sh", "-c", "command -v clusterctl"]).trim_end(),
+        sd.run_ok(&["/bin/sh", "-c", "command -v clusterctl"])
+            .trim_end(),
         "/usr/bin/clusterctl"
     );
-    let copyright = inside(sd, &["cat", "/usr/share/doc/clusterctl/copyright"]);
+    let copyright = sd.run_ok(&["cat", "/usr/share/doc/clusterctl/copyright"]);
     assert!(
         copyright.contains("License: MIT or Apache-2.0"),
         "{copyright}"
@@ -405,7 +387,7 @@ fn install_use_remove(sd: &Systemd, deb: &Path) {
     check_under_systemd(sd);
     phase.done("README steps under systemd");
 
-    inside(sd, &["apt-get", "remove", "-y", "clusterctl"]);
+    sd.run_ok(&["apt-get", "remove", "-y", "clusterctl"]);
     phase.done("apt-get remove");
     let left: Vec<&String> = files
         .iter()

@@ -82,21 +82,9 @@ fn install(sd: &Systemd, app: &str, port: u16, extra: &[&str], cmd: &[String]) {
     sd.systemctl_ok(&["start", &format!("{app}.socket")]);
 }
 
-/// Runs a command inside and returns its stdout (panics on failure).
-fn inside(sd: &Systemd, argv: &[&str]) -> String {
-    let out = sd.run(argv);
-    assert!(
-        out.status.success(),
-        "{argv:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn status_json(sd: &Systemd, app: &str) -> String {
     let bin = Systemd::path(&clusterctl());
-    inside(sd, &[&bin, "status", "--json", app])
+    sd.run_ok(&[&bin, "status", "--json", app])
 }
 
 fn wait_no_draining(sd: &Systemd, app: &str) {
@@ -170,13 +158,13 @@ fn socket_activation_status_journal_and_exact_arguments(version: Version) {
     assert!(own.contains("pyworker 1 pid"), "{own}");
     assert!(!own.contains("pyworker 2 pid"), "{own}");
     let bin = Systemd::path(&clusterctl());
-    let logs = inside(&sd, &[&bin, "logs", "pyapp", "--worker", "1"]);
+    let logs = sd.run_ok(&[&bin, "logs", "pyapp", "--worker", "1"]);
     assert!(
         logs.contains("worker 1 ready") && logs.contains("pyworker 1 pid"),
         "{logs}"
     );
     assert!(!logs.contains("pyworker 2 pid"), "{logs}");
-    let table = inside(&sd, &[&bin, "status", "pyapp"]);
+    let table = sd.run_ok(&[&bin, "status", "pyapp"]);
     assert!(
         table.contains("python worker serving"),
         "worker STATUS= text: {table}"
@@ -218,7 +206,7 @@ fn stop_restart_and_restart_on_failure(version: Version) {
     });
     // Restart=on-failure: SIGKILL of the supervisor brings the service back.
     let main = sd.unit_property("rapp.service", "MainPID");
-    inside(&sd, &["kill", "-KILL", &main]);
+    sd.run_ok(&["kill", "-KILL", &main]);
     sd.wait_for("a new main pid", SECS(30), || {
         let now = sd.unit_property("rapp.service", "MainPID");
         now != main && now != "0" && sd.unit_property("rapp.service", "ActiveState") == "active"
@@ -233,7 +221,7 @@ fn configuration_error_does_not_restart_loop(version: Version) {
     };
     let port = free_port();
     sd.write_file("/usr/local/bin/soon-gone", b"#!/bin/sh\nexec sleep 1000\n");
-    inside(&sd, &["chmod", "+x", "/usr/local/bin/soon-gone"]);
+    sd.run_ok(&["chmod", "+x", "/usr/local/bin/soon-gone"]);
     install(
         &sd,
         "bad",
@@ -241,7 +229,7 @@ fn configuration_error_does_not_restart_loop(version: Version) {
         &["--workers", "1"],
         &["/usr/local/bin/soon-gone".to_string()],
     );
-    inside(&sd, &["rm", "/usr/local/bin/soon-gone"]);
+    sd.run_ok(&["rm", "/usr/local/bin/soon-gone"]);
     let _ = sd.systemctl(&["start", "bad.service"]);
     sd.wait_for("the unit to fail", SECS(30), || {
         sd.unit_property("bad.service", "ActiveState") == "failed"
@@ -268,7 +256,7 @@ fn reloads_under_load_rollback_and_rolling_restart_fail_no_request(version: Vers
         "/usr/local/bin/app",
         format!("#!/bin/sh\nexec {worker}\n").as_bytes(),
     );
-    inside(&sd, &["chmod", "+x", "/usr/local/bin/app"]);
+    sd.run_ok(&["chmod", "+x", "/usr/local/bin/app"]);
     install(
         &sd,
         "zapp",
@@ -318,7 +306,7 @@ fn reloads_under_load_rollback_and_rolling_restart_fail_no_request(version: Vers
         format!("#!/bin/sh\nexec {worker}\n").as_bytes(),
     );
     let bin = Systemd::path(&clusterctl());
-    inside(&sd, &[&bin, "restart", "--rolling", "--wait", "zapp"]);
+    sd.run_ok(&[&bin, "restart", "--rolling", "--wait", "zapp"]);
     wait_no_draining(&sd, "zapp");
     load.expect_only_generation(13);
     let s = load.finish();
@@ -345,7 +333,7 @@ fn watchdog_restarts_a_hung_supervisor_and_queued_connections_are_served(version
     );
     wait_for("the first answer", SECS(30), || http_get(port, "/").ok());
     let main = sd.unit_property("wapp.service", "MainPID");
-    inside(&sd, &["kill", "-STOP", &main]);
+    sd.run_ok(&["kill", "-STOP", &main]);
     sd.wait_for("the watchdog to fire", SECS(60), || {
         sd.unit_property("wapp.service", "ActiveState") != "active"
     });
@@ -468,10 +456,7 @@ fn a_worker_flooding_the_journal_does_not_drown_the_supervisor(version: Version)
         "the supervisor's reload lines did not all arrive (a journald rate limit?):\n{}\n\
          LogRateLimit settings of the unit: {}\nstatus: {}",
         ours(),
-        inside(
-            &sd,
-            &["grep", "LogRateLimit", "/etc/systemd/system/floody.service"]
-        ),
+        sd.run_ok(&["grep", "LogRateLimit", "/etc/systemd/system/floody.service"]),
         status_json(&sd, "floody")
     );
     let behind = started.elapsed();

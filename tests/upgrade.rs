@@ -459,17 +459,6 @@ mod v257 {
 
 use crate::support::systemd::{Systemd, Version};
 
-fn inside(sd: &Systemd, argv: &[&str]) -> String {
-    let out = sd.run(argv);
-    assert!(
-        out.status.success(),
-        "{argv:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// The worker pids in `status --json`, sorted.
 fn json_worker_pids(json: &str) -> Vec<u64> {
     let workers = &json[json
@@ -492,24 +481,21 @@ fn under_systemd(version: Version) {
     let bin = Systemd::path(&clusterctl());
     let worker = Systemd::path(&crate::support::cluster::example("worker"));
     let listen = format!("127.0.0.1:{port}");
-    inside(
-        &sd,
-        &[
-            &bin,
-            "gen-units",
-            "uapp",
-            "-o",
-            "/etc/systemd/system",
-            "--listen",
-            &listen,
-            "--workers",
-            "3",
-            "--watchdog",
-            "2s",
-            "--",
-            &worker,
-        ],
-    );
+    sd.run_ok(&[
+        &bin,
+        "gen-units",
+        "uapp",
+        "-o",
+        "/etc/systemd/system",
+        "--listen",
+        &listen,
+        "--workers",
+        "3",
+        "--watchdog",
+        "2s",
+        "--",
+        &worker,
+    ]);
     sd.systemctl_ok(&["daemon-reload"]);
     sd.systemctl_ok(&["start", "uapp.socket"]);
     wait_for_or(
@@ -521,30 +507,24 @@ fn under_systemd(version: Version) {
         sd.unit_property("uapp.service", "ActiveState") == "active"
     });
     let main = sd.unit_property("uapp.service", "MainPID");
-    let before = json_worker_pids(&inside(&sd, &[&bin, "status", "--json", "uapp"]));
+    let before = json_worker_pids(&sd.run_ok(&[&bin, "status", "--json", "uapp"]));
     assert_eq!(before.len(), 3);
     // The "new build": a copy of the binary at another path.
-    inside(&sd, &["cp", &bin, "/usr/local/bin/clusterctl-next"]);
+    sd.run_ok(&["cp", &bin, "/usr/local/bin/clusterctl-next"]);
     let load = Load::start(port, 2, 2, SECS(120), 10_000_000);
     load.wait_progress(100);
     let started = std::time::Instant::now();
-    let out = inside(
-        &sd,
-        &[
-            &bin,
-            "upgrade",
-            "uapp",
-            "--wait",
-            "--binary",
-            "/usr/local/bin/clusterctl-next",
-        ],
-    );
+    let out = sd.run_ok(&[
+        &bin,
+        "upgrade",
+        "uapp",
+        "--wait",
+        "--binary",
+        "/usr/local/bin/clusterctl-next",
+    ]);
     let took = started.elapsed();
     assert!(out.contains("/usr/local/bin/clusterctl-next"), "{out}");
-    let json = inside(
-        &sd,
-        &["/usr/local/bin/clusterctl-next", "status", "--json", "uapp"],
-    );
+    let json = sd.run_ok(&["/usr/local/bin/clusterctl-next", "status", "--json", "uapp"]);
     assert!(
         json.contains("\"binary\":\"/usr/local/bin/clusterctl-next\""),
         "{json}"
@@ -572,7 +552,7 @@ fn under_systemd(version: Version) {
     wait_for_or(
         SECS(30),
         || {
-            let json = inside(&sd, &[&bin, "status", "--json", "uapp"]);
+            let json = sd.run_ok(&[&bin, "status", "--json", "uapp"]);
             let now = json_worker_pids(&json);
             (!json.contains("\"draining\"")
                 && now.len() == 3

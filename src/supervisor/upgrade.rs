@@ -205,7 +205,9 @@ impl Executor {
         if matches!(self.state.phase, Phase::Stopping { .. }) {
             return refuse(self, req.stream, "the supervisor is stopping".into());
         }
-        let binary = match handover::target_binary(req.binary.as_deref()) {
+        let checked = handover::target_binary(req.binary.as_deref())
+            .and_then(|b| handover::preflight(&b).map(|()| b));
+        let binary = match checked {
             Ok(b) => b,
             Err(e) => {
                 return refuse(
@@ -218,16 +220,6 @@ impl Executor {
                 );
             }
         };
-        if let Err(e) = handover::preflight(&binary) {
-            return refuse(
-                self,
-                req.stream,
-                format!(
-                    "{e}; the supervisor keeps running (clusterctl {})",
-                    handover::version()
-                ),
-            );
-        }
         let clock = Clock::now();
         let from_binary = handover::current_binary().unwrap_or_default();
         let client_fd = req.wait.then(|| req.stream.as_raw_fd());

@@ -279,3 +279,13 @@ pub fn json_number(json: &str, key: &str) -> Option<u64> {
     let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
     digits.parse().ok()
 }
+
+/// The `NOTIFY_SOCKET` a running process (a worker) was given, from `/proc/PID/environ`.
+pub fn notify_socket_of(pid: i32) -> std::path::PathBuf {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .expect("read /proc/PID/environ")
+        .split(|b| *b == 0)
+        .find_map(|kv| kv.strip_prefix(b"NOTIFY_SOCKET="))
+        .map(|v| std::path::PathBuf::from(String::from_utf8_lossy(v).into_owned()))
+        .expect("NOTIFY_SOCKET in the environment")
+}

@@ -368,6 +368,20 @@ impl Systemd {
         self.run_with_input(argv, None)
     }
 
+    /// Runs `argv` inside the instance; panics with its status and output unless it
+    /// succeeds; returns its stdout.
+    pub fn run_ok(&self, argv: &[&str]) -> String {
+        let out = self.run(argv);
+        assert!(
+            out.status.success(),
+            "{argv:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// `systemctl --no-pager ARGS…` inside the instance.
     pub fn systemctl(&self, args: &[&str]) -> Output {
         self.run(&prepend(&["systemctl", "--no-pager"], args))
