@@ -59,10 +59,18 @@ fn start(dir: &TempDir, port: u16, n: u32, env: &[(&str, &str)]) -> Supervisor {
     sup
 }
 
-/// A copy of the clusterctl binary at another path: the "new build".
+/// A copy of the clusterctl binary at another path: the "new build". Copied by `cp`, not
+/// in this process: a file this (multi-threaded) test process has open for writing can be
+/// inherited by a child another test forks at that moment, and executing it then fails
+/// with ETXTBSY (seen once in a full run).
 fn copy_binary(dir: &TempDir, name: &str) -> PathBuf {
     let p = dir.join(name);
-    std::fs::copy(clusterctl(), &p).unwrap();
+    let status = std::process::Command::new("cp")
+        .arg(clusterctl())
+        .arg(&p)
+        .status()
+        .unwrap();
+    assert!(status.success(), "cp clusterctl {}", p.display());
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
     p
 }
