@@ -61,11 +61,35 @@ mod tests {
                 .unwrap(),
         )
         .unwrap();
-        let own = rss_pages(pid).unwrap();
-        let each: Vec<u64> = kids.iter().map(|k| rss_pages(*k).unwrap()).collect();
+        // A freshly exec'd `sleep` still faults pages in, so its RSS can grow between two
+        // reads (CI saw 5132288 vs 5103616). Stop the three processes, then compare only
+        // when the individual reads taken before and after `tree_rss` agree.
+        for p in std::iter::once(pid).chain(kids.iter().copied()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p),
+                nix::sys::signal::Signal::SIGSTOP,
+            );
+        }
+        let read = || -> (u64, Vec<u64>) {
+            let own = rss_pages(pid).unwrap();
+            (own, kids.iter().map(|k| rss_pages(*k).unwrap()).collect())
+        };
+        let (own, each, tree, first) = loop {
+            let before = read();
+            let tree = tree_rss(pid);
+            let first = tree_rss(kids[0]);
+            if read() == before {
+                break (before.0, before.1, tree, first);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "RSS of sh and its children never settled"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        };
         assert!(own > 0 && each.iter().all(|p| *p > 0));
-        assert_eq!(tree_rss(pid), Some((own + each.iter().sum::<u64>()) * page));
-        assert_eq!(tree_rss(kids[0]), Some(each[0] * page));
+        assert_eq!(tree, Some((own + each.iter().sum::<u64>()) * page));
+        assert_eq!(first, Some(each[0] * page));
         for k in kids {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(k),
