@@ -357,8 +357,12 @@ fn exits_are_handled_before_a_stop_of_the_same_wake_up() {
     let victim = workers_of(&sup)[0];
     sup.signal(Signal::SIGSTOP);
     kill(Pid::from_raw(victim), Signal::SIGKILL).unwrap();
+    // Dead for the supervisor too: a zombie leader whose other threads are still exiting
+    // is neither reapable nor pidfd-readable yet (a full run saw its exit only after the
+    // stop), so also wait until it is the last task of its thread group.
     wait_for("the worker to die", SECS(10), || {
-        (!alive(victim)).then_some(())
+        let tasks = std::fs::read_dir(format!("/proc/{victim}/task")).map_or(0, Iterator::count);
+        (!alive(victim) && tasks <= 1).then_some(())
     });
     sup.signal(Signal::SIGTERM);
     sup.signal(Signal::SIGCONT);
