@@ -53,7 +53,14 @@ fn pool(sup: &Supervisor) -> (usize, usize) {
 fn crash_storm_under_load_keeps_the_pool_and_recovers_at_once() {
     let dir = TempDir::new("storm");
     let port = free_port();
-    let sup = Run::new(&dir).workers_on(port, 4).spawn();
+    // 10 random kills a second over 4 slots leave a worker ~300 ms of life: with the
+    // default --min-uptime 1s that is a crash loop by the give-up rule (a full run gave up
+    // after 74 kills, none of them 1 s after ready; expected in about 1 run of 15). This
+    // test is about the pool surviving a storm, so a life of 100 ms counts as a start.
+    let sup = Run::new(&dir)
+        .workers_on(port, 4)
+        .args(&["--min-uptime", "100ms"])
+        .spawn();
     sup.wait_log("all 4 workers ready");
     let load = Load::start(port, 2, 2, SECS(60), 10_000_000);
     load.wait_progress(50);
