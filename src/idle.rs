@@ -170,8 +170,11 @@ pub struct DiagSock {
     pub cookie: u64,
 }
 
-const TCP_LISTEN: u8 = 10;
+const TCP_ESTABLISHED: u8 = 1;
 const TCP_TIME_WAIT: u8 = 6;
+const TCP_CLOSE: u8 = 7;
+const TCP_CLOSE_WAIT: u8 = 8;
+const TCP_LISTEN: u8 = 10;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const NLMSG_DONE: u16 = 3;
 const NLMSG_ERROR: u16 = 2;
@@ -208,10 +211,8 @@ fn tally(
 /// Is this socket a connection to one of our listeners still in the accept queue, or
 /// one a worker accepted (and holds open)?
 fn queued_or_accepted(s: &DiagSock, watched: &[(AddressFamily, u16, u64)]) -> (bool, bool) {
-    const ESTABLISHED: u8 = 1;
-    const CLOSE_WAIT: u8 = 8;
     let ours = s.state != TCP_LISTEN && watched.iter().any(|w| w.1 == s.local_port);
-    if !ours || !matches!(s.state, ESTABLISHED | CLOSE_WAIT) {
+    if !ours || !matches!(s.state, TCP_ESTABLISHED | TCP_CLOSE_WAIT) {
         return (false, false);
     }
     (s.inode == 0, s.inode != 0)
@@ -219,12 +220,12 @@ fn queued_or_accepted(s: &DiagSock, watched: &[(AddressFamily, u16, u64)]) -> (b
 
 /// Every TCP state but CLOSE (7). TIME_WAIT (6) shows connections that already ended
 /// (the idle sampler counts them as traffic since its last look).
-const ALL_STATES: u32 = 0b1111_0111_1110;
+const ALL_STATES: u32 = 0b1111_1111_1110 & !(1 << TCP_CLOSE);
 
-/// The states `queued_or_accepted` looks at: ESTABLISHED (1) and CLOSE_WAIT (8). After a
-/// load a host holds tens of thousands of TIME_WAIT sockets (34k here after a full test
-/// run); asking the kernel for these two states only keeps the accept-queue probe cheap.
-const LIVE_STATES: u32 = (1 << 1) | (1 << 8);
+/// The states `queued_or_accepted` looks at. After a load a host holds tens of thousands
+/// of TIME_WAIT sockets (34k here after a full test run); asking the kernel for these two
+/// states only keeps the accept-queue probe cheap.
+const LIVE_STATES: u32 = (1 << TCP_ESTABLISHED) | (1 << TCP_CLOSE_WAIT);
 
 /// The request: `nlmsghdr` + `inet_diag_req_v2` asking for the TCP sockets of `family`
 /// in `states` (a bit per state).
