@@ -568,7 +568,13 @@ fn workers_do_not_inherit_a_stale_journal_stream() {
         .spawn_raw();
     let js = wait_for_or(
         SECS(20),
-        || std::fs::read_to_string(dir.join("js")).ok(),
+        // The shell creates the file before `echo` writes it: wait for the whole line (a
+        // full run read it empty once).
+        || {
+            std::fs::read_to_string(dir.join("js"))
+                .ok()
+                .filter(|s| s.ends_with('\n'))
+        },
         || sup.log(),
     );
     assert_eq!(js.trim(), "js=unset");
