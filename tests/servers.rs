@@ -75,6 +75,8 @@ const GUNICORN: Server = Server {
 // within `--ready after` + `--min-uptime`. The README recipes say 10s; these tests use 20s
 // because under the full suite on 2 cores uvicorn and Node took over 15 s to get as far as
 // importing the broken app (measured in CI), and the test must not pass a broken deploy.
+// Node gets 40s: in one CI run its three broken workers printed nothing and had not exited
+// 37 s after their start (the same unit's previous generation had served within 5 s).
 const UVICORN: Server = Server {
     name: "uvicorn",
     binary: "/usr/lib/python3/dist-packages/uvicorn/__main__.py",
@@ -142,7 +144,7 @@ const NODE: Server = Server {
     name: "node",
     binary: "/usr/bin/node",
     files: &["app.js"],
-    flags: &["--ready", "after:5s", "--min-uptime", "20s"],
+    flags: &["--ready", "after:5s", "--min-uptime", "40s"],
     command: &["/usr/bin/node", "/srv/app/app.js"],
     broken: ("app.js", "throw new Error('broken deploy');\n"),
     lossless: true,
@@ -350,9 +352,23 @@ fn reloads_and_broken_deploy(version: Version, server: &Server) {
     let out = sd.systemctl(&["reload", server.name]);
     assert!(
         !out.status.success(),
-        "{version} {}: a broken deploy must make `systemctl reload` fail\n{}",
+        "{version} {}: a broken deploy must make `systemctl reload` fail\n{}\n\
+         processes (state, wall time, CPU time, wait channel):\n{}\nhost load: {}\n{}",
         server.name,
-        sd.journal(&["-u", server.name, "-n", "30", "-o", "cat"])
+        sd.journal(&["-u", server.name, "-n", "40", "-o", "short-monotonic"]),
+        String::from_utf8_lossy(
+            &sd.run(&["ps", "-eo", "pid,ppid,stat,etime,time,wchan:24,args"])
+                .stdout
+        ),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim(),
+        ["cpu", "io", "memory"]
+            .map(|r| format!(
+                "{r} pressure: {}",
+                std::fs::read_to_string(format!("/proc/pressure/{r}")).unwrap_or_default()
+            ))
+            .concat()
     );
     load.reset_generations();
     load.wait_progress(50);
